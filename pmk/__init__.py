@@ -1,0 +1,4 @@
+"""pmk: a user-space verdict-request server for application firewalls."""
+
+__version__ = "0.1.0"
+PROTOCOL_VERSION = 1

@@ -1,0 +1,3 @@
+from pmk.cli import main
+
+raise SystemExit(main())

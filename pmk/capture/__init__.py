@@ -1,0 +1,1 @@
+"""Packet sources: each backend brings packets in and carries verdicts out."""

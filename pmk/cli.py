@@ -1,0 +1,154 @@
+"""``pmk serve``, ``pmk stats``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import pmk
+from pmk import config as defaults
+from pmk.config import ServeConfig
+from pmk.verdicts import Verdict
+
+log = logging.getLogger("pmk")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pmk", description="Verdict-request server for application firewalls.")
+    parser.add_argument("--version", action="version", version=f"pmk {pmk.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="intercept packets and ask deciders for verdicts")
+    serve.add_argument("--pipe", default=None, help="endpoint path (default: $PMK_PIPE or the platform default)")
+    serve.add_argument("--filter", default=defaults.DEFAULT_FILTER, help="WinDivert filter (divert backend)")
+    serve.add_argument("--capture", choices=("auto", "divert", "nfqueue"), default="auto")
+    serve.add_argument("--packet-cache", type=_positive_int, default=defaults.DEFAULT_PACKET_CACHE)
+    serve.add_argument("--verdict-cache", type=_positive_int, default=defaults.DEFAULT_VERDICT_CACHE)
+    serve.add_argument("--default-verdict", choices=[v.value for v in Verdict], default=defaults.DEFAULT_VERDICT.value)
+    serve.add_argument("--verdict-timeout", type=_positive_float, default=defaults.DEFAULT_VERDICT_TIMEOUT)
+    serve.add_argument("--allow-uid", type=int, action="append", default=[], help="also admit this uid")
+    serve.add_argument("--allow-group", type=int, action="append", default=[], help="also admit this gid")
+    serve.add_argument("--fail-open", action="store_true", help="nfqueue: pass packets when pmk is not reading")
+    serve.add_argument("--queue-num", type=int, default=0, help="nfqueue: the queue number")
+    serve.add_argument(
+        "--scope", default="", help="nfqueue: what to intercept, e.g. 'tcp:443,udp:5000-5010,icmp' (default: all)"
+    )
+    serve.add_argument("--queue-maxlen", type=_positive_int, default=1024, help="nfqueue: kernel queue length")
+    serve.add_argument("--log-level", default="info")
+
+    stats = commands.add_parser("stats", help="print a running server's counters")
+    stats.add_argument("--pipe", default=None)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    config = ServeConfig(
+        filter=args.filter,
+        capture=args.capture,
+        packet_cache=args.packet_cache,
+        verdict_cache=args.verdict_cache,
+        default_verdict=Verdict(args.default_verdict),
+        verdict_timeout=args.verdict_timeout,
+        allow_uids=tuple(args.allow_uid),
+        allow_gids=tuple(args.allow_group),
+        fail_open=args.fail_open,
+        queue_num=args.queue_num,
+        scope=args.scope,
+        queue_maxlen=args.queue_maxlen,
+    )
+    if args.pipe:
+        config.endpoint = args.pipe
+    return config
+
+
+async def serve(config: ServeConfig) -> int:
+    """Run until SIGINT or SIGTERM; return the exit status."""
+    from pmk.capture.select import build_backend
+    from pmk.server.app import Server
+    from pmk.server.endpoint import EndpointError
+
+    backend = build_backend(config)
+    server = Server(config, backend)
+    try:
+        await server.start()
+    except (EndpointError, OSError) as error:
+        log.error("cannot start: %s", error)
+        backend.close()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (NotImplementedError, AttributeError):  # Windows
+            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop.set))
+    print(f"pmk {pmk.__version__}: serving on {config.endpoint} ({backend.name} backend)", flush=True)
+    await stop.wait()
+    log.info("stopping")
+    await server.stop()
+    return 0
+
+
+async def print_stats(path: str | None, as_json: bool) -> int:
+    from pmk.client import Client
+
+    client = await Client.connect(path)
+    try:
+        stats = await client.call("get_stats")
+    finally:
+        client.close()
+    if as_json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        for name in sorted(stats):
+            print(f"{name:24} {stats[name]}")
+        return 0
+    table = Table(title="pmk")
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for name in sorted(stats):
+        table.add_row(name, str(stats[name]))
+    Console().print(table)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pmk.loop import run
+
+    if args.command == "serve":
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        return run(serve(config_from_args(args)), need_pipes=True)
+    if args.command == "stats":
+        try:
+            return run(print_stats(args.pipe, args.json))
+        except OSError as error:
+            print(f"pmk stats: cannot reach pmk: {error}", file=sys.stderr)
+            return 1
+    return 2

@@ -1,0 +1,56 @@
+"""Settings for ``pmk serve``, with the defaults README.md explains."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from pmk.verdicts import Verdict
+
+POSIX_ENDPOINT = "/run/pmk/pmk.sock"
+WINDOWS_ENDPOINT = r"\\.\pipe\pmk"
+ENDPOINT_ENV = "PMK_PIPE"
+
+# Held packets: the kernel extension pmk follows uses 1024 slots.
+DEFAULT_PACKET_CACHE = 1024
+# Cached connections: large, since a miss costs a decider round trip.
+DEFAULT_VERDICT_CACHE = 65536
+# Fail closed: an undecided packet is rejected (not silently dropped, so
+# applications fail fast), and the verdict is never cached, so the
+# connection is asked about again as soon as a decider answers.
+DEFAULT_VERDICT = Verdict.BLOCK
+# Long enough for a decider to look at a payload, short enough that a TCP
+# handshake is not yet retried many times.
+DEFAULT_VERDICT_TIMEOUT = 2.0
+# Everything with ports or ICMP, but never loopback: pmk's own clients and
+# local services keep working whatever the decider does.
+DEFAULT_FILTER = "not loopback and (tcp or udp or icmp or icmpv6)"
+
+
+def default_endpoint() -> str:
+    """The endpoint path: ``PMK_PIPE`` if set, else the platform default."""
+    configured = os.environ.get(ENDPOINT_ENV)
+    if configured:
+        return configured
+    return WINDOWS_ENDPOINT if sys.platform == "win32" else POSIX_ENDPOINT
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``pmk serve`` can be told."""
+
+    endpoint: str = field(default_factory=default_endpoint)
+    filter: str = DEFAULT_FILTER
+    capture: str = "auto"
+    packet_cache: int = DEFAULT_PACKET_CACHE
+    verdict_cache: int = DEFAULT_VERDICT_CACHE
+    default_verdict: Verdict = DEFAULT_VERDICT
+    verdict_timeout: float = DEFAULT_VERDICT_TIMEOUT
+    allow_uids: tuple[int, ...] = ()
+    allow_gids: tuple[int, ...] = ()
+    fail_open: bool = False
+    queue_num: int = 0
+    #: nfqueue: what to intercept, e.g. "tcp:443,udp:53,icmp"; empty means all.
+    scope: str = ""
+    queue_maxlen: int = 1024

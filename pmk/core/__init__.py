@@ -1,0 +1,1 @@
+"""The decision path: pure state, no sockets, no event loop."""

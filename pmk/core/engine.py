@@ -1,0 +1,215 @@
+"""The decision path for captured packets, as pure state.
+
+Theory of operation: a packet whose connection has a cached verdict is
+settled at once. Otherwise it is held; the first held packet of a connection
+is *asked about* and later ones wait behind it, so one connection has at
+most one request out. A permanent answer is cached and settles every waiting
+packet of the connection; a temporary one settles only its packet, and the
+next waiting packet is asked about anew. When the packet cache is full the
+oldest held packet is evicted and its request withdrawn.
+
+The engine never does I/O: it records what must happen in an ``Outbox``
+that the asyncio shell carries out (apply verdicts, send or withdraw
+requests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pmk.capture.base import CapturedPacket
+from pmk.core.packet_cache import HeldPacket, PacketCache
+from pmk.core.stats import Counters
+from pmk.core.verdict_cache import VerdictCache
+from pmk.packet.parse import parse_flow
+from pmk.verdicts import ConnKey, Verdict
+
+
+class Outbox:
+    """What the shell must do after an engine call, in order of kind."""
+
+    __slots__ = ("applies", "asks", "withdrawn")
+
+    def __init__(self) -> None:
+        self.applies: list[tuple[list[CapturedPacket], Verdict, bool]] = []
+        self.asks: list[HeldPacket] = []
+        self.withdrawn: list[HeldPacket] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.applies or self.asks or self.withdrawn)
+
+    def take(self) -> Outbox:
+        """Hand over the recorded work and start empty."""
+        taken = Outbox()
+        taken.applies, self.applies = self.applies, []
+        taken.asks, self.asks = self.asks, []
+        taken.withdrawn, self.withdrawn = self.withdrawn, []
+        return taken
+
+
+class Engine:
+    """Verdict cache, packet cache and counters for one capture backend."""
+
+    def __init__(
+        self,
+        *,
+        packet_cache_size: int = 1024,
+        verdict_cache_size: int = 65536,
+        default_verdict: Verdict = Verdict.BLOCK,
+    ) -> None:
+        self.verdicts = VerdictCache(verdict_cache_size)
+        self.held = PacketCache(packet_cache_size)
+        self.default_verdict = default_verdict
+        self.counters = Counters()
+        self.outbox = Outbox()
+        self._next_id = 1
+
+    # -- packets in ----------------------------------------------------------
+
+    def on_packets(self, packets: Iterable[CapturedPacket], now: float) -> None:
+        """Settle cache hits, hold and ask about the rest."""
+        counters = self.counters
+        lookup = self.verdicts.get
+        accepted: list[CapturedPacket] = []
+        others: dict[Verdict, list[CapturedPacket]] = {}
+        for packet in packets:
+            counters.captured += 1
+            raw = packet.raw
+            flow = parse_flow(raw)
+            if flow is None:
+                counters.unparsed += 1
+                counters.defaulted += 1
+                others.setdefault(self.default_verdict, []).append(packet)
+                continue
+            key = flow.key(packet.outbound)
+            entry = lookup(key)
+            if entry is not None:
+                counters.cache_hits += 1
+                entry.packets += 1
+                entry.bytes += len(raw)
+                if entry.verdict is Verdict.ACCEPT:
+                    accepted.append(packet)
+                else:
+                    others.setdefault(entry.verdict, []).append(packet)
+                continue
+            counters.cache_misses += 1
+            self._hold(HeldPacket(self._next_id, packet, flow, key, now))
+            self._next_id += 1
+        if accepted:
+            counters.accepted += len(accepted)
+            self.outbox.applies.append((accepted, Verdict.ACCEPT, False))
+        for verdict, group in others.items():
+            self._count(verdict, len(group))
+            self.outbox.applies.append((group, verdict, False))
+
+    def _hold(self, held: HeldPacket) -> None:
+        if self.held.is_full():
+            self._evict_oldest()
+        waiting = self.held.hold(held)
+        if waiting.asked is None:
+            self._ask(held)
+
+    def _ask(self, held: HeldPacket) -> None:
+        self.held.connections[held.key].asked = held.id
+        self.counters.requests += 1
+        self.outbox.asks.append(held)
+
+    def _evict_oldest(self) -> None:
+        oldest = self.held.oldest()
+        assert oldest is not None
+        was_asked = self.held.connections[oldest.key].asked == oldest.id
+        waiting = self.held.release(oldest)
+        self.counters.evicted += 1
+        # Evicted packets are discarded; the backend must still let go of them.
+        self.outbox.applies.append(([oldest.packet], Verdict.DROP, False))
+        if was_asked:
+            self.counters.withdrawn += 1
+            self.outbox.withdrawn.append(oldest)
+            if waiting is not None:
+                self._ask(waiting.packets[0])
+
+    # -- verdicts in ---------------------------------------------------------
+
+    def is_asked(self, packet_id: int) -> bool:
+        """True while ``packet_id`` is held and its request is still wanted."""
+        held = self.held.get(packet_id)
+        return held is not None and self.held.connections[held.key].asked == packet_id
+
+    def on_verdict(self, packet_id: int, verdict: Verdict, permanent: bool, *, defaulted: bool = False) -> bool:
+        """Apply a decider's (or the default) verdict; False if the packet is gone."""
+        if not self.is_asked(packet_id):
+            self.counters.late_verdicts += 1
+            return False
+        held = self.held.get(packet_id)
+        assert held is not None
+        if permanent and not defaulted:
+            self.verdicts.put(held.key, verdict)
+            settled = self.held.release_connection(held.key)
+            self._settle([h.packet for h in settled], verdict, True, defaulted=False)
+            return True
+        waiting = self.held.release(held)
+        self._settle([held.packet], verdict, False, defaulted=defaulted)
+        if waiting is not None:
+            self._ask(waiting.packets[0])
+        return True
+
+    def on_default(self, packet_id: int) -> bool:
+        """Settle ``packet_id`` with the default verdict (no decider, timeout, error)."""
+        return self.on_verdict(packet_id, self.default_verdict, False, defaulted=True)
+
+    def _settle(self, packets: list[CapturedPacket], verdict: Verdict, permanent: bool, *, defaulted: bool) -> None:
+        self._count(verdict, len(packets))
+        if defaulted:
+            self.counters.defaulted += len(packets)
+        self.outbox.applies.append((packets, verdict, permanent))
+
+    def _count(self, verdict: Verdict, n: int) -> None:
+        if verdict is Verdict.ACCEPT:
+            self.counters.accepted += n
+        elif verdict is Verdict.BLOCK:
+            self.counters.blocked += n
+        else:
+            self.counters.dropped += n
+
+    # -- operator requests ---------------------------------------------------
+
+    def update_verdict(self, key: ConnKey, verdict: Verdict) -> None:
+        """Set a connection's cached verdict; packets waiting for it get it too."""
+        self.verdicts.put(key, verdict)
+        waiting = self.held.connections.get(key)
+        if waiting is None:
+            return
+        asked = waiting.asked
+        settled = self.held.release_connection(key)
+        self._settle([h.packet for h in settled], verdict, True, defaulted=False)
+        for held in settled:
+            if held.id == asked:
+                # The decider's answer is no longer wanted.
+                self.counters.withdrawn += 1
+                self.outbox.withdrawn.append(held)
+
+    def clear_cache(self) -> int:
+        """Forget every cached verdict; return how many there were."""
+        return self.verdicts.clear()
+
+    def settle_all_with_default(self) -> int:
+        """At shutdown: every held packet gets the default verdict."""
+        held = self.held.all_packets()
+        for key in list(self.held.connections):
+            self.held.release_connection(key)
+        if held:
+            self._settle([h.packet for h in held], self.default_verdict, False, defaulted=True)
+        return len(held)
+
+    # -- reading -------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return len(self.held)
+
+    def stats(self) -> dict[str, int]:
+        stats = self.counters.as_dict()
+        stats["pending"] = len(self.held)
+        stats["verdict_cache_entries"] = len(self.verdicts)
+        stats["verdict_cache_evictions"] = self.verdicts.evictions
+        return stats

@@ -1,0 +1,96 @@
+"""Packets held while their connection waits for a verdict.
+
+Bounded like the kernel extension's ring: when full, the oldest held packet
+is evicted to make room for the newest. Packets of one connection wait in
+arrival order behind a single verdict request.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from pmk.capture.base import CapturedPacket
+from pmk.packet.parse import Flow
+from pmk.verdicts import ConnKey
+
+
+class HeldPacket:
+    """A captured packet with the id a decider refers to it by."""
+
+    __slots__ = ("flow", "held_at", "id", "key", "packet")
+
+    def __init__(self, packet_id: int, packet: CapturedPacket, flow: Flow, key: ConnKey, held_at: float) -> None:
+        self.id = packet_id
+        self.packet = packet
+        self.flow = flow
+        self.key = key
+        self.held_at = held_at
+
+
+class WaitingConnection:
+    """A connection without a verdict: its held packets and the one asked about."""
+
+    __slots__ = ("asked", "key", "packets")
+
+    def __init__(self, key: ConnKey) -> None:
+        self.key = key
+        self.packets: deque[HeldPacket] = deque()
+        self.asked: int | None = None
+
+
+class PacketCache:
+    """Held packets in age order, grouped by connection."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("packet cache capacity must be at least 1")
+        self.capacity = capacity
+        self._by_id: OrderedDict[int, HeldPacket] = OrderedDict()
+        self.connections: dict[ConnKey, WaitingConnection] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def is_full(self) -> bool:
+        return len(self._by_id) >= self.capacity
+
+    def get(self, packet_id: int) -> HeldPacket | None:
+        return self._by_id.get(packet_id)
+
+    def hold(self, held: HeldPacket) -> WaitingConnection:
+        """Queue ``held`` behind its connection; the caller makes room first."""
+        if len(self._by_id) >= self.capacity:
+            raise OverflowError("packet cache is full; evict before holding")
+        self._by_id[held.id] = held
+        waiting = self.connections.get(held.key)
+        if waiting is None:
+            waiting = self.connections[held.key] = WaitingConnection(held.key)
+        waiting.packets.append(held)
+        return waiting
+
+    def oldest(self) -> HeldPacket | None:
+        return next(iter(self._by_id.values()), None)
+
+    def release(self, held: HeldPacket) -> WaitingConnection | None:
+        """Take ``held`` out of the cache; return its connection if packets still wait."""
+        del self._by_id[held.id]
+        waiting = self.connections[held.key]
+        waiting.packets.remove(held)
+        if waiting.asked == held.id:
+            waiting.asked = None
+        if not waiting.packets:
+            del self.connections[held.key]
+            return None
+        return waiting
+
+    def release_connection(self, key: ConnKey) -> list[HeldPacket]:
+        """Take every held packet of ``key`` out, oldest first."""
+        waiting = self.connections.pop(key, None)
+        if waiting is None:
+            return []
+        for held in waiting.packets:
+            del self._by_id[held.id]
+        return list(waiting.packets)
+
+    def all_packets(self) -> list[HeldPacket]:
+        return list(self._by_id.values())

@@ -1,0 +1,1 @@
+"""Reading and writing raw IP packets without per-packet objects."""

@@ -1,0 +1,1 @@
+"""msgpack-RPC as pure state: bytes in, events out, bytes to send."""

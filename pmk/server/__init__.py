@@ -1,0 +1,1 @@
+"""The asyncio shell: the only place that awaits, reads sockets or keeps time."""

@@ -1,0 +1,92 @@
+"""One connected client: bytes from its socket into the RPC state and back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from pmk.rpc.connection import RpcConnection
+from pmk.rpc.messages import Notification, ProtocolViolation, Request, Response
+
+if TYPE_CHECKING:
+    from pmk.server.app import Server
+
+log = logging.getLogger(__name__)
+
+# A client whose unread output passes this is too far behind: it is cut off
+# and its pending requests go to another decider (or get the default).
+MAX_UNREAD_OUTPUT = 4 * 1024 * 1024
+
+
+class ClientSession(asyncio.Protocol):
+    """Transport glue; every decision about a message is the server's."""
+
+    def __init__(self, server: Server, session_id: int) -> None:
+        self.server = server
+        self.id = session_id
+        self.rpc = RpcConnection()
+        self.transport: asyncio.Transport | None = None
+        self.name = ""
+        self.role = "observer"
+        self.closed = False
+        self._flush_scheduled = False
+
+    # -- asyncio callbacks ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        refusal = self.server.admit(self, self.transport)
+        if refusal is not None:
+            self.rpc.send_notification("refused", [refusal])
+            self.flush()
+            self.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        for event in self.rpc.receive(data):
+            if isinstance(event, Request):
+                self.server.on_request(self, event)
+            elif isinstance(event, Response):
+                self.server.on_response(self, event)
+            elif isinstance(event, Notification):
+                pass  # unknown notifications are ignored by contract
+            elif isinstance(event, ProtocolViolation):
+                self.server.on_violation(self, event)
+                self.rpc.report(event)
+                if event.fatal:
+                    self.flush()
+                    self.close()
+                    return
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.on_session_lost(self)
+
+    # -- output --------------------------------------------------------------
+
+    def schedule_flush(self) -> None:
+        """Write once per loop iteration, however many frames were queued."""
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed or self.transport is None:
+            return
+        data = self.rpc.data_to_send()
+        if data:
+            self.transport.write(data)
+            if self.transport.get_write_buffer_size() > MAX_UNREAD_OUTPUT:
+                log.warning("client %s (%s) stopped reading; disconnecting it", self.id, self.name or "unnamed")
+                self.server.counters_slow_clients += 1
+                self.transport.abort()
+                self.closed = True
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
