@@ -1,6 +1,6 @@
 """A decider that accepts every connection for good.
 
-    python examples/accept_all.py [--pipe PATH]
+python examples/accept_all.py [--pipe PATH]
 """
 
 from __future__ import annotations

@@ -68,7 +68,9 @@ def harness_main(argv: list[str]) -> None:
 
     opts = json.loads(argv[0])
     backend = NfqueueBackend(
-        queue_num=QUEUE, match=MATCH, fail_open=opts.get("fail_open", False),
+        queue_num=QUEUE,
+        match=MATCH,
+        fail_open=opts.get("fail_open", False),
         queue_maxlen=opts.get("queue_maxlen", 1024),
     )
     seen: dict[str, int] = {}
@@ -258,7 +260,10 @@ class Harness:
     def __init__(self, hosts: TwoHosts, **opts: object) -> None:
         self.proc = subprocess.Popen(
             _script(hosts, hosts.server, "harness", json.dumps(opts)),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             self.pid = _readline(self.proc)["ready"]
@@ -286,7 +291,10 @@ def client(hosts: TwoHosts, *args: object, ns: str | None = None) -> dict:
     """Run one client action in ``ns`` (default: the client namespace)."""
     proc = subprocess.run(
         _script(hosts, ns or hosts.client, "client", *map(str, args)),
-        capture_output=True, text=True, timeout=90, check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
@@ -321,9 +329,7 @@ def hosts() -> Iterator[TwoHosts]:
         pytest.skip(f"NFQUEUE backend unavailable: {reason}")
     with two_hosts() as h:
         servers = [
-            subprocess.Popen(
-                _script(h, ns, "server"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-            )
+            subprocess.Popen(_script(h, ns, "server"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             for ns in (h.server, h.client)
         ]
         try:
@@ -386,7 +392,10 @@ def test_outbound_connections_are_decided_at_output(hosts: TwoHosts, harness: Ha
 def test_udp_block_sends_icmp_unreachable_and_sticks(hosts: TwoHosts, harness: Harness) -> None:
     proc = subprocess.Popen(
         _script(hosts, hosts.client, "client", "udp_repeat", hosts.server_ip, "5012", "2"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         _readline(proc)
@@ -433,7 +442,10 @@ def test_temporary_verdicts_decide_one_packet(hosts: TwoHosts, harness: Harness)
 def test_update_connection_and_forget_all(hosts: TwoHosts, harness: Harness) -> None:
     session = subprocess.Popen(
         _script(hosts, hosts.client, "client", "session", hosts.server_ip, "5001"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert session.stdin is not None
 
@@ -506,7 +518,9 @@ def test_match_parsing() -> None:
     from pmk.capture.netfilter_rules import MatchItem, parse_match
 
     assert parse_match("tcp:80, udp:5000-5010,icmp") == (
-        MatchItem("tcp", 80, 80), MatchItem("udp", 5000, 5010), MatchItem("icmp")
+        MatchItem("tcp", 80, 80),
+        MatchItem("udp", 5000, 5010),
+        MatchItem("icmp"),
     )
     assert parse_match(None) == (MatchItem("all"),)
     for bad in ("sctp", "icmp:1", "tcp:0", "tcp:9-8", "tcp:x", ""):

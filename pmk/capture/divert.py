@@ -42,10 +42,23 @@ BATCHES_PER_WAKEUP = 8
 _RECV_BUFFER_BYTES = MAX_BATCH * 65_575
 
 
+# eBPFDivert keeps the packet's Ethernet header in the record (bytes 36..49:
+# destination MAC, source MAC, ethertype) and re-injects with it; WinDivert
+# leaves these bytes reserved (zero).
+_ETH_DST = slice(36, 42)
+_ETH_SRC = slice(42, 48)
+
+
 def flipped_address(address: bytes) -> bytes:
-    """The address record for a packet sent the opposite way (for rejects)."""
+    """The address record for a packet sent the opposite way (for rejects).
+
+    The MACs are swapped too: a reply sent with the original frame's
+    addresses would be addressed to pmk's own host and dropped by the peer.
+    """
     record = bytearray(address)
     record[_FLAGS_BYTE] ^= _OUTBOUND_BIT
+    if sys.platform.startswith("linux"):
+        record[_ETH_DST], record[_ETH_SRC] = address[_ETH_SRC], address[_ETH_DST]
     return bytes(record)
 
 

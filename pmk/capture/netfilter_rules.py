@@ -185,9 +185,7 @@ def build_restore(
 
 
 def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(argv), input=stdin, capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=False
-    )
+    return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=False)
 
 
 def _hook_rules(tool: str) -> list[tuple[str, str]]:
@@ -205,7 +203,7 @@ def owners(tool: str = "iptables") -> set[int]:
     """Pids recorded on pmk's hook rules (several only after a crash)."""
     pids = set()
     for _hook, spec in _hook_rules(tool):
-        found = re.search(r'pmk pid (\d+)', spec)
+        found = re.search(r"pmk pid (\d+)", spec)
         if found:
             pids.add(int(found.group(1)))
     return pids

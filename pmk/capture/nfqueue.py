@@ -39,9 +39,7 @@ COPY_RANGE = 4016
 # Per-packet receive-buffer share used by netfilterqueue (copy size + netlink overhead).
 _SOCK_BYTES_PER_PACKET = 4800
 _NF_HOOK_LOCAL_OUT = 3
-_COUNTERS = (
-    "received", "batches", "accepted", "blocked", "dropped", "verdict_errors", "flows_created", "flow_errors"
-)
+_COUNTERS = ("received", "batches", "accepted", "blocked", "dropped", "verdict_errors", "flows_created", "flow_errors")
 _PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
 # Netlink numbers from linux/netfilter/nfnetlink_queue.h (queue config message).
 _NFNL_SUBSYS_QUEUE = 3
@@ -276,9 +274,7 @@ class NfqueueBackend(CaptureBackend):
 
     def _on_packet(self, pkt: Any) -> None:
         outbound = pkt.hook == _NF_HOOK_LOCAL_OUT
-        self._batch.append(
-            CapturedPacket(pkt.get_payload(), outbound, pkt.outdev if outbound else pkt.indev, 0, pkt)
-        )
+        self._batch.append(CapturedPacket(pkt.get_payload(), outbound, pkt.outdev if outbound else pkt.indev, 0, pkt))
 
     def _drain(self) -> None:
         reader = self._reader
@@ -346,8 +342,12 @@ class NfqueueBackend(CaptureBackend):
 
     def update_connection(self, key: ConnKey, verdict: Verdict | None) -> None:
         """Re-mark a live connection (None: forget it, its next packet is asked about)."""
-        code = {Verdict.ACCEPT: rules.MarkCode.ACCEPT, Verdict.BLOCK: rules.MarkCode.BLOCK,
-                Verdict.DROP: rules.MarkCode.DROP, None: 0}[verdict]
+        code = {
+            Verdict.ACCEPT: rules.MarkCode.ACCEPT,
+            Verdict.BLOCK: rules.MarkCode.BLOCK,
+            Verdict.DROP: rules.MarkCode.DROP,
+            None: 0,
+        }[verdict]
         rules.set_conn_mark(key, code, self.mark_mask)
 
     def forget_all(self) -> None:

@@ -3,8 +3,10 @@
 The decoder owns a bounded buffer. Input that msgpack cannot parse, or a
 single frame larger than ``MAX_FRAME_BYTES``, leaves the stream unframeable:
 that is reported as a fatal violation and the decoder refuses further
-input. A well-formed msgpack value that is not a valid RPC message is a
-non-fatal violation; decoding continues with the next frame.
+input. A well-formed msgpack value that is not a valid RPC message (wrong
+shape, invalid UTF-8, ext types, non-string map keys, nesting deeper than
+``MAX_DEPTH``) is a non-fatal violation; decoding continues with the next
+frame. protocol/SPEC.md is the contract this implements.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from pmk.rpc.messages import (
 # payload is at most 64 KiB), small enough that a hostile client cannot make
 # the server buffer much.
 MAX_FRAME_BYTES = 1024 * 1024
+# Deepest nesting of arrays and maps a valid message may have, counting the
+# message's own array. pmk's messages need 3; the bound keeps every walk over
+# a decoded value short.
+MAX_DEPTH = 32
 # Input is fed in slices of this size so that many small frames arriving in
 # one read never trip the buffer bound meant for a single frame.
 _FEED_SLICE = 64 * 1024
@@ -45,39 +51,101 @@ def encode(message: Message) -> bytes:
     return msgpack.packb(value, use_bin_type=True)
 
 
+class _BadMap:
+    """Stands in for a map Python cannot or must not build (unhashable or repeated keys)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _build_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any] | _BadMap:
+    # Raising here would leave msgpack's unpacker mid-frame, so a bad map is
+    # returned as a marker and rejected later, frame by frame.
+    try:
+        built = dict(pairs)
+    except TypeError:
+        return _BadMap("map keys must be strings")
+    if len(built) != len(pairs):
+        return _BadMap("a map repeats a key")
+    return built
+
+
+def _bad_text(text: str) -> bool:
+    """True if ``text`` came from bytes that are not UTF-8 (surrogateescape left lone surrogates)."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _content_problem(value: object) -> str | None:
+    """Why a decoded value cannot be part of a pmk message, or None if it can."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _bad_text(item):
+                return "a string is not valid UTF-8"
+        elif isinstance(item, list):
+            if depth > MAX_DEPTH:
+                return f"nesting deeper than {MAX_DEPTH} levels"
+            stack.extend((element, depth + 1) for element in item)
+        elif isinstance(item, dict):
+            if depth > MAX_DEPTH:
+                return f"nesting deeper than {MAX_DEPTH} levels"
+            for key, element in item.items():
+                if not isinstance(key, str):
+                    return "map keys must be strings"
+                stack.append((key, depth + 1))
+                stack.append((element, depth + 1))
+        elif isinstance(item, _BadMap):
+            return item.reason
+        elif isinstance(item, (msgpack.ExtType, msgpack.Timestamp)):
+            return "ext types are not used by this protocol"
+    return None
+
+
 def _valid_msgid(value: object) -> bool:
     return type(value) is int and 0 <= value < MSGID_LIMIT
+
+
+def _invalid(message: str, msgid: int | None = None) -> ProtocolViolation:
+    return ProtocolViolation(ErrorCode.INVALID_MESSAGE, message, False, msgid)
 
 
 def interpret(value: object) -> Message | ProtocolViolation:
     """Check one decoded msgpack value against the msgpack-RPC message shapes."""
     if not isinstance(value, list) or not value:
-        return ProtocolViolation(ErrorCode.INVALID_MESSAGE, "a message must be a non-empty array", False)
+        return _invalid("a message must be a non-empty array")
     kind = value[0]
     if type(kind) is not int or kind not in (0, 1, 2):
-        return ProtocolViolation(ErrorCode.INVALID_MESSAGE, "message type must be 0, 1 or 2", False)
+        return _invalid("message type must be 0, 1 or 2")
     if kind == Kind.NOTIFICATION:
         if len(value) != 3:
-            return ProtocolViolation(ErrorCode.INVALID_MESSAGE, "a notification has 3 elements", False)
+            return _invalid("a notification has 3 elements")
         _, method, params = value
         if not isinstance(method, str) or not isinstance(params, list):
-            return ProtocolViolation(
-                ErrorCode.INVALID_MESSAGE, "a notification is [2, method: str, params: array]", False
-            )
-        return Notification(method, params)
+            return _invalid("a notification is [2, method: str, params: array]")
+        problem = _content_problem(value)
+        return _invalid(problem) if problem else Notification(method, params)
     if len(value) != 4:
-        return ProtocolViolation(ErrorCode.INVALID_MESSAGE, "requests and responses have 4 elements", False)
+        return _invalid("requests and responses have 4 elements")
     msgid = value[1]
     if not _valid_msgid(msgid):
-        return ProtocolViolation(ErrorCode.INVALID_MESSAGE, "msgid must be an unsigned 32-bit integer", False)
+        return _invalid("msgid must be an unsigned 32-bit integer")
     if kind == Kind.REQUEST:
         method, params = value[2], value[3]
         if not isinstance(method, str) or not isinstance(params, list):
-            return ProtocolViolation(
-                ErrorCode.INVALID_MESSAGE, "a request is [0, msgid, method: str, params: array]", False, msgid
-            )
-        return Request(msgid, method, params)
-    return Response(msgid, value[2], value[3])
+            return _invalid("a request is [0, msgid, method: str, params: array]", msgid)
+        problem = _content_problem(value)
+        return _invalid(problem, msgid) if problem else Request(msgid, method, params)
+    problem = _content_problem(value)
+    return _invalid(problem) if problem else Response(msgid, value[2], value[3])
 
 
 class Decoder:
@@ -89,7 +157,14 @@ class Decoder:
             raw=False,
             unicode_errors="surrogateescape",
             strict_map_key=False,
+            object_pairs_hook=_build_map,
             max_buffer_size=max_frame_bytes + _FEED_SLICE,
+            # A header announcing more than a frame can hold fails at once.
+            max_str_len=max_frame_bytes,
+            max_bin_len=max_frame_bytes,
+            max_ext_len=max_frame_bytes,
+            max_array_len=max_frame_bytes,
+            max_map_len=max_frame_bytes // 2,
         )
         self._fed = 0
         self.broken: ProtocolViolation | None = None
@@ -108,28 +183,39 @@ class Decoder:
             chunk = view[start : start + _FEED_SLICE]
             try:
                 self._unpacker.feed(chunk)
-            except msgpack.BufferFull:
-                return self._fail(events, ErrorCode.FRAME_TOO_LARGE, f"a frame exceeds {self.max_frame_bytes} bytes")
+            except msgpack.BufferFull:  # pragma: no cover - the check below fires first
+                return self._too_large(events)
             self._fed += len(chunk)
             if not self._drain(events):
                 return events
             if self.buffered() > self.max_frame_bytes:
-                return self._fail(events, ErrorCode.FRAME_TOO_LARGE, f"a frame exceeds {self.max_frame_bytes} bytes")
+                return self._too_large(events)
         return events
 
     def _drain(self, events: list[Event]) -> bool:
+        unpacker = self._unpacker
         while True:
+            start = unpacker.tell()
             try:
-                value = next(self._unpacker)
+                value = next(unpacker)
             except StopIteration:
                 return True
-            except ValueError as error:  # FormatError, StackError, ExtraData, limits
-                self._fail(events, ErrorCode.MALFORMED, f"not msgpack: {type(error).__name__}")
+            except ValueError as error:  # FormatError, StackError, declared lengths over the limits
+                if "exceeds max_" in str(error):
+                    self._too_large(events)
+                else:
+                    self._fail(events, ErrorCode.MALFORMED, f"not msgpack: {type(error).__name__}")
                 return False
             except Exception as error:
                 self._fail(events, ErrorCode.MALFORMED, f"not msgpack: {type(error).__name__}")
                 return False
+            if unpacker.tell() - start > self.max_frame_bytes:
+                self._too_large(events)
+                return False
             events.append(interpret(value))
+
+    def _too_large(self, events: list[Event]) -> list[Event]:
+        return self._fail(events, ErrorCode.FRAME_TOO_LARGE, f"a frame exceeds {self.max_frame_bytes} bytes")
 
     def _fail(self, events: list[Event], code: ErrorCode, message: str) -> list[Event]:
         self.broken = ProtocolViolation(code, message, True)

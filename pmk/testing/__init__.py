@@ -1,0 +1,1 @@
+"""Helpers for packet tests and benchmarks that need throwaway network namespaces."""

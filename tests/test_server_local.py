@@ -1,0 +1,192 @@
+"""The server over a real Unix socket, fed by a recording backend.
+
+These tests pin down dispatch and method behaviour without root; the same
+behaviour with real packets is covered by the namespace tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from pmk.capture.base import CaptureBackend, CapturedPacket, PacketSink
+from pmk.client import Client, Decision, RemoteError
+from pmk.config import ServeConfig
+from pmk.server.app import Server
+from pmk.verdicts import Verdict
+from tests.packets import udp
+
+
+class RecordingBackend(CaptureBackend):
+    """Packets are pushed by the test; verdicts are recorded."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.sink: PacketSink | None = None
+        self.applied: list[tuple[bytes, Verdict, bool]] = []
+        self.closed = False
+
+    def start(self, loop: asyncio.AbstractEventLoop, sink: PacketSink) -> None:
+        self.sink = sink
+
+    def push(self, *packets: bytes) -> None:
+        assert self.sink is not None
+        self.sink([CapturedPacket(raw, outbound=False) for raw in packets])
+
+    def apply(self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool) -> None:
+        self.applied.extend((p.raw, verdict, permanent) for p in packets)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def packet(port: int, data: bytes = b"x") -> bytes:
+    return udp("198.18.0.1", "198.18.0.2", port, 53, data)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Server, RecordingBackend, str]]:
+    directory = tempfile.mkdtemp(prefix="pmk-test-")
+    os.chmod(directory, 0o700)
+    path = os.path.join(directory, "pmk.sock")
+    backend = RecordingBackend()
+    config = ServeConfig(endpoint=path, verdict_timeout=0.3, default_verdict=Verdict.DROP)
+    server = Server(config, backend)
+    await server.start()
+    try:
+        yield server, backend, path
+    finally:
+        await server.stop()
+        os.rmdir(directory)
+
+
+async def until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+def identity_holds(stats: dict) -> bool:  # type: ignore[type-arg]
+    settled = stats["accepted"] + stats["blocked"] + stats["dropped"] + stats["evicted"]
+    return stats["captured"] == settled + stats["pending"]
+
+
+async def test_methods_answer_with_or_without_hello(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, path = served
+    client = await Client.connect(path)
+    version = await client.call("get_version")
+    assert version["protocol"] == 1
+    stats = await client.call("get_stats")
+    for name in ("captured", "accepted", "blocked", "dropped", "evicted", "defaulted", "cache_hits", "cache_misses"):
+        assert stats[name] == 0
+    assert stats["deciders"] == 0 and stats["pending"] == 0
+    hello = await client.hello("tool")
+    assert hello["protocol"] == 1 and "version" in hello
+    with pytest.raises(RemoteError) as error:
+        await client.call("no_such_method")
+    assert error.value.code == "unknown_method"
+    with pytest.raises(RemoteError) as error:
+        await client.call("get_stats", 1)
+    assert error.value.code == "invalid_params"
+    with pytest.raises(RemoteError) as error:
+        await client.call("hello", {"protocol": 99, "name": "x", "role": "decider"})
+    assert error.value.code == "unsupported_protocol"
+    client.close()
+
+
+async def test_decider_gets_one_request_per_connection_and_payload_is_served(served) -> None:  # type: ignore[no-untyped-def]
+    _, backend, path = served
+    seen: list[dict] = []  # type: ignore[type-arg]
+    release = asyncio.Event()
+
+    async def decide(info: dict) -> Decision:  # type: ignore[type-arg]
+        seen.append(info)
+        await release.wait()
+        return Decision("accept", permanent=True)
+
+    decider = await Client.connect(path, decide)
+    await decider.hello("d", "decider")
+    backend.push(packet(1000, b"first"), packet(1000, b"second"))
+    await until(lambda: len(seen) == 1)
+    info = seen[0]
+    assert info["direction"] == "inbound" and info["protocol"] == 17 and info["remote_port"] == 1000
+    assert info["local_ip"] == "198.18.0.2" and info["pid"] is None
+    tool = await Client.connect(path)
+    payload = await tool.call("get_payload", info["id"])
+    assert payload == packet(1000, b"first")
+    release.set()
+    await until(lambda: len(backend.applied) == 2)
+    assert [v for _, v, _ in backend.applied] == [Verdict.ACCEPT, Verdict.ACCEPT]
+    with pytest.raises(RemoteError) as error:
+        await tool.call("get_payload", info["id"])
+    assert error.value.code == "unknown_packet"
+    backend.push(packet(1000, b"third"))
+    stats = await tool.call("get_stats")
+    assert stats["cache_hits"] == 1 and len(seen) == 1 and identity_holds(stats)
+    tool.close()
+    decider.close()
+
+
+async def test_no_decider_and_timeout_both_give_the_default(served) -> None:  # type: ignore[no-untyped-def]
+    server, backend, path = served
+    backend.push(packet(1))
+    assert backend.applied == [(packet(1), Verdict.DROP, False)]
+    silent = await Client.connect(path, lambda info: None)  # never answers
+    await silent.hello("silent", "decider")
+    backend.push(packet(2))
+    await until(lambda: len(backend.applied) == 2, timeout=3)
+    stats = server.stats()
+    assert stats["timeouts"] == 1 and stats["defaulted"] == 2 and identity_holds(stats)
+    silent.close()
+
+
+async def test_a_leaving_decider_hands_its_requests_to_another(served) -> None:  # type: ignore[no-untyped-def]
+    server, backend, path = served
+    first_seen: list[int] = []
+    leaver = await Client.connect(path, lambda info: first_seen.append(info["id"]))  # type: ignore[func-returns-value]
+    await leaver.hello("leaver", "decider")
+    backend.push(packet(7))
+    await until(lambda: first_seen == [1])
+    stayer = await Client.connect(path, lambda info: Decision("block", permanent=False))
+    await stayer.hello("stayer", "decider")
+    leaver.close()
+    await until(lambda: len(backend.applied) == 1)
+    assert backend.applied == [(packet(7), Verdict.BLOCK, False)]
+    assert server.stats()["defaulted"] == 0
+    stayer.close()
+
+
+async def test_update_verdict_and_clear_cache(served) -> None:  # type: ignore[no-untyped-def]
+    _, backend, path = served
+    tool = await Client.connect(path)
+    conn = {"protocol": 17, "local_ip": "198.18.0.2", "local_port": 53, "remote_ip": "198.18.0.1", "remote_port": 9}
+    assert await tool.call("update_verdict", conn, "block") is True
+    backend.push(packet(9))
+    assert backend.applied[-1] == (packet(9), Verdict.BLOCK, False)
+    assert await tool.call("clear_cache") == 1
+    with pytest.raises(RemoteError) as error:
+        await tool.call("update_verdict", {**conn, "local_ip": "nonsense"}, "block")
+    assert error.value.code == "invalid_params"
+    with pytest.raises(RemoteError) as error:
+        await tool.call("update_verdict", conn, "reroute")
+    assert error.value.code == "invalid_params"
+    tool.close()
+
+
+async def test_shutdown_gives_held_packets_the_default(served) -> None:  # type: ignore[no-untyped-def]
+    server, backend, path = served
+    silent = await Client.connect(path, lambda info: None)
+    await silent.hello("silent", "decider")
+    backend.push(packet(1), packet(2))
+    await until(lambda: server.stats()["in_flight"] == 2)
+    await server.stop()
+    assert sorted(v.value for _, v, _ in backend.applied) == ["drop", "drop"]
+    assert backend.closed and not os.path.exists(path)
+    await server.start()  # the fixture stops it again
