@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="print a running server's counters")
     stats.add_argument("--pipe", default=None)
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    from pmk import bench
+
+    bench.add_parser(commands)
     return parser
 
 
@@ -88,6 +92,10 @@ async def serve(config: ServeConfig) -> int:
     from pmk.server.endpoint import EndpointError
 
     backend = build_backend(config)
+    if backend.name == "divert":
+        from pmk.capture.cleanup import clean_stale_divert
+
+        clean_stale_divert()  # programs a killed pmk left attached (nfqueue cleans up in install)
     server = Server(config, backend)
     try:
         await server.start()
@@ -145,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
         return run(serve(config_from_args(args)), need_pipes=True)
+    if args.command == "bench":
+        from pmk import bench
+
+        return bench.run(args)
     if args.command == "stats":
         try:
             return run(print_stats(args.pipe, args.json))

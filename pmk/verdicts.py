@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
 from typing import NamedTuple
 
 
@@ -49,5 +50,9 @@ def conn_key_from_strings(protocol: int, local_ip: str, local_port: int, remote_
 
 
 def ip_text(packed: bytes) -> str:
-    """Format a packed IPv4 or IPv6 address."""
+    """Format a packed IPv4 or IPv6 address (inet_ntop: once per decide, ipaddress is slow)."""
+    if len(packed) == 4:
+        return socket.inet_ntop(socket.AF_INET, packed)
+    if len(packed) == 16:
+        return str(ipaddress.IPv6Address(packed))  # the same compressed spelling as before
     return str(ipaddress.ip_address(packed))

@@ -16,6 +16,8 @@ import contextlib
 import ctypes
 import errno
 import logging
+import operator
+import struct
 import sys
 from collections.abc import Sequence
 
@@ -40,6 +42,8 @@ MAX_BATCH = 255
 BATCHES_PER_WAKEUP = 8
 # Big enough for MAX_BATCH full-size packets (64 KiB GSO aggregates included).
 _RECV_BUFFER_BYTES = MAX_BATCH * 65_575
+# IfIdx and SubIfIdx in an address record.
+_INTERFACES = struct.Struct("<II")
 
 
 # eBPFDivert keeps the packet's Ethernet header in the record (bytes 36..49:
@@ -120,7 +124,12 @@ class DivertBackend(CaptureBackend):
 
     def apply(self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool) -> None:
         if verdict is Verdict.ACCEPT:
-            self._send([(p.raw, p.token) for p in packets])
+            linux = self._linux
+            if linux is not None and linux.is_current(packets):
+                # The whole batch just received: inject the receive buffer as it is.
+                self.send_errors += linux.send_current()
+            else:
+                self._send([(p.raw, p.token) for p in packets])
         elif verdict is Verdict.BLOCK:
             replies = []
             for packet in packets:
@@ -191,13 +200,21 @@ class _LinuxBatchIO:
         self._buffer_c = (ctypes.c_char * len(self._buffer)).from_buffer(self._buffer)
         self._addresses = (WinDivertAddress * batch)()
         self._address_view = memoryview(self._addresses).cast("B")
+        self._view = memoryview(self._buffer)
+        self._current: list[CapturedPacket] | None = None
         self._received = ctypes.c_uint32(0)
         self._count = ctypes.c_uint32(0)
         self._sent = ctypes.c_uint32(0)
         self._address_type = WinDivertAddress
 
     def receive(self) -> list[CapturedPacket]:
-        """Whatever is queued, up to one batch; empty when nothing is."""
+        """Whatever is queued, up to one batch; empty when nothing is.
+
+        Each packet gets its own copy of its bytes (held packets outlive the
+        buffer); the buffer itself stays as received until the next call, so
+        that a fully accepted batch goes back without being rebuilt.
+        """
+        self._current = None
         self._count.value = self.batch
         ret = self._lib.ebpfdivert_recv_ex(
             self._handle,
@@ -212,26 +229,60 @@ class _LinuxBatchIO:
             if -ret in (errno.EAGAIN, errno.ETIMEDOUT):
                 return []
             raise OSError(-ret, "ebpfdivert_recv_ex failed")
-        data = bytes(self._buffer[: self._received.value])
-        addresses = self._address_view
+        count, total = self._count.value, self._received.value
+        buf, view = self._buffer, self._view
+        records = bytes(self._address_view[: count * ADDRESS_BYTES])
+        interfaces = _INTERFACES.unpack_from
         packets = []
+        append = packets.append
         offset = 0
-        for index in range(self._count.value):
-            length = _ip_length(data, offset)
-            if length <= 0:
+        for start in range(0, count * ADDRESS_BYTES, ADDRESS_BYTES):
+            if offset >= total:
                 break
-            record = bytes(addresses[index * ADDRESS_BYTES : (index + 1) * ADDRESS_BYTES])
-            packets.append(
+            first = buf[offset]
+            if first >> 4 == 4:
+                length = buf[offset + 2] << 8 | buf[offset + 3]
+            elif first >> 4 == 6:
+                length = 40 + (buf[offset + 4] << 8 | buf[offset + 5])
+            else:
+                length = 0
+            # A GSO aggregate may carry 0 in the length field; it then fills the rest.
+            end = offset + length if length else total
+            if_index, sub_if_index = interfaces(records, start + 16)
+            append(
                 CapturedPacket(
-                    data[offset : offset + length],
-                    bool(record[_FLAGS_BYTE] & _OUTBOUND_BIT),
-                    int.from_bytes(record[16:20], "little"),
-                    int.from_bytes(record[20:24], "little"),
-                    record,
+                    bytes(view[offset:end]),
+                    bool(records[start + _FLAGS_BYTE] & _OUTBOUND_BIT),
+                    if_index,
+                    sub_if_index,
+                    records[start : start + ADDRESS_BYTES],
                 )
             )
-            offset += length
+            offset = end
+        if len(packets) == count and offset == total:
+            self._current = packets
         return packets
+
+    def is_current(self, packets: Sequence[CapturedPacket]) -> bool:
+        """True when ``packets`` is exactly the last received batch, in order."""
+        current = self._current
+        return (
+            current is not None
+            and len(packets) == len(current)
+            and all(map(operator.is_, packets, current))
+        )
+
+    def send_current(self) -> int:
+        """Inject the last received batch from the receive buffer; return failures."""
+        current, self._current = self._current, None
+        assert current is not None
+        ret = self._lib.ebpfdivert_send_ex(
+            self._handle, self._buffer_c, self._received.value, ctypes.byref(self._sent), self._addresses, len(current)
+        )
+        if ret < 0:
+            log.debug("send_ex failed: %s", -ret)
+            return len(current)
+        return 0
 
     def send(self, frames: list[tuple[bytes, bytes]]) -> int:
         """Inject ``frames`` in batches; return how many could not be sent."""
@@ -247,21 +298,6 @@ class _LinuxBatchIO:
                 failures += len(chunk)
                 log.debug("send_ex failed: %s", -ret)
         return failures
-
-
-def _ip_length(data: bytes, offset: int) -> int:
-    """Length of the IP packet starting at ``offset`` (from its own header)."""
-    if offset >= len(data):
-        return 0
-    version = data[offset] >> 4
-    if version == 4 and offset + 4 <= len(data):
-        length = data[offset + 2] << 8 | data[offset + 3]
-    elif version == 6 and offset + 6 <= len(data):
-        length = 40 + (data[offset + 4] << 8 | data[offset + 5])
-    else:
-        return len(data) - offset
-    # A GSO aggregate may carry 0 in the length field; it then fills the rest.
-    return length if length else len(data) - offset
 
 
 class _ThreadReader:

@@ -67,14 +67,44 @@ class Engine:
     # -- packets in ----------------------------------------------------------
 
     def on_packets(self, packets: Iterable[CapturedPacket], now: float) -> None:
-        """Settle cache hits, hold and ask about the rest."""
+        """Settle cache hits, hold and ask about the rest.
+
+        This runs for every captured packet, so the common case (IPv4 TCP or
+        UDP without options) reads its key straight from the bytes as a plain
+        tuple, which finds the ConnKey entries (equal tuples hash alike), and
+        consecutive packets of one connection share a single cache lookup.
+        """
         counters = self.counters
         lookup = self.verdicts.get
+        accept = Verdict.ACCEPT
         accepted: list[CapturedPacket] = []
         others: dict[Verdict, list[CapturedPacket]] = {}
+        last_key: tuple[int, bytes, int, bytes, int] | None = None
+        entry = None
+        hits = hit_bytes = captured = 0
         for packet in packets:
-            counters.captured += 1
+            captured += 1
             raw = packet.raw
+            if len(raw) >= 24 and raw[0] == 0x45 and (raw[9] == 6 or raw[9] == 17) and not (raw[6] & 0x1F or raw[7]):
+                if packet.outbound:
+                    key = (raw[9], raw[12:16], raw[20] << 8 | raw[21], raw[16:20], raw[22] << 8 | raw[23])
+                else:
+                    key = (raw[9], raw[16:20], raw[22] << 8 | raw[23], raw[12:16], raw[20] << 8 | raw[21])
+                if key != last_key:
+                    if entry is not None:
+                        entry.packets += hits
+                        entry.bytes += hit_bytes
+                        hits = hit_bytes = 0
+                    entry = lookup(key)  # type: ignore[arg-type]
+                    last_key = key if entry is not None else None
+                if entry is not None:
+                    hits += 1
+                    hit_bytes += len(raw)
+                    if entry.verdict is accept:
+                        accepted.append(packet)
+                    else:
+                        others.setdefault(entry.verdict, []).append(packet)
+                    continue
             flow = parse_flow(raw)
             if flow is None:
                 counters.unparsed += 1
@@ -82,19 +112,26 @@ class Engine:
                 others.setdefault(self.default_verdict, []).append(packet)
                 continue
             key = flow.key(packet.outbound)
-            entry = lookup(key)
-            if entry is not None:
+            hit = lookup(key)
+            if hit is not None:
+                hit.packets += 1
+                hit.bytes += len(raw)
                 counters.cache_hits += 1
-                entry.packets += 1
-                entry.bytes += len(raw)
-                if entry.verdict is Verdict.ACCEPT:
+                if hit.verdict is accept:
                     accepted.append(packet)
                 else:
-                    others.setdefault(entry.verdict, []).append(packet)
+                    others.setdefault(hit.verdict, []).append(packet)
                 continue
             counters.cache_misses += 1
             self._hold(HeldPacket(self._next_id, packet, flow, key, now))
             self._next_id += 1
+            # A verdict for this key may now be cached; the next packet looks it up anew.
+            last_key = entry = None
+        if entry is not None:
+            entry.packets += hits
+            entry.bytes += hit_bytes
+        counters.captured += captured
+        counters.cache_hits += hits
         if accepted:
             counters.accepted += len(accepted)
             self.outbox.applies.append((accepted, Verdict.ACCEPT, False))

@@ -74,8 +74,6 @@ def _build_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any] | _BadMap:
 
 def _bad_text(text: str) -> bool:
     """True if ``text`` came from bytes that are not UTF-8 (surrogateescape left lone surrogates)."""
-    if text.isascii():
-        return False
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -83,30 +81,44 @@ def _bad_text(text: str) -> bool:
     return False
 
 
-def _content_problem(value: object) -> str | None:
-    """Why a decoded value cannot be part of a pmk message, or None if it can."""
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, str):
-            if _bad_text(item):
+_SCALARS = frozenset({int, float, bool, bytes, type(None)})
+
+
+def _content_problem(value: object, depth: int = 1) -> str | None:
+    """Why a decoded value cannot be part of a pmk message, or None if it can.
+
+    Recursion is bounded: it stops one level past ``MAX_DEPTH``. Scalars are
+    checked inline because this runs for every message received.
+    """
+    kind = type(value)
+    if kind is list:
+        items: Any = value
+    elif kind is dict:
+        for key in value:  # type: ignore[attr-defined]
+            if type(key) is not str:
+                return "map keys must be strings"
+            if not key.isascii() and _bad_text(key):
                 return "a string is not valid UTF-8"
-        elif isinstance(item, list):
-            if depth > MAX_DEPTH:
-                return f"nesting deeper than {MAX_DEPTH} levels"
-            stack.extend((element, depth + 1) for element in item)
-        elif isinstance(item, dict):
-            if depth > MAX_DEPTH:
-                return f"nesting deeper than {MAX_DEPTH} levels"
-            for key, element in item.items():
-                if not isinstance(key, str):
-                    return "map keys must be strings"
-                stack.append((key, depth + 1))
-                stack.append((element, depth + 1))
-        elif isinstance(item, _BadMap):
-            return item.reason
-        elif isinstance(item, (msgpack.ExtType, msgpack.Timestamp)):
-            return "ext types are not used by this protocol"
+        items = value.values()  # type: ignore[attr-defined]
+    elif kind is str:
+        return "a string is not valid UTF-8" if _bad_text(value) else None  # type: ignore[arg-type]
+    elif kind in _SCALARS:
+        return None
+    elif kind is _BadMap:
+        return value.reason  # type: ignore[attr-defined]
+    else:  # ExtType, Timestamp
+        return "ext types are not used by this protocol"
+    if depth > MAX_DEPTH:
+        return f"nesting deeper than {MAX_DEPTH} levels"
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            if not item.isascii() and _bad_text(item):
+                return "a string is not valid UTF-8"
+        elif kind not in _SCALARS:
+            problem = _content_problem(item, depth + 1)
+            if problem is not None:
+                return problem
     return None
 
 
@@ -167,11 +179,14 @@ class Decoder:
             max_map_len=max_frame_bytes // 2,
         )
         self._fed = 0
+        # Stream offset where the frame being received began. msgpack's own
+        # position moves inside a partly received frame, so it cannot say this.
+        self._frame_start = 0
         self.broken: ProtocolViolation | None = None
 
     def buffered(self) -> int:
         """Bytes received but not yet part of a complete frame."""
-        return self._fed - self._unpacker.tell()
+        return self._fed - self._frame_start
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Decode what ``data`` completes; a fatal violation ends the list and the stream."""
@@ -195,7 +210,6 @@ class Decoder:
     def _drain(self, events: list[Event]) -> bool:
         unpacker = self._unpacker
         while True:
-            start = unpacker.tell()
             try:
                 value = next(unpacker)
             except StopIteration:
@@ -209,9 +223,11 @@ class Decoder:
             except Exception as error:
                 self._fail(events, ErrorCode.MALFORMED, f"not msgpack: {type(error).__name__}")
                 return False
-            if unpacker.tell() - start > self.max_frame_bytes:
+            end = unpacker.tell()
+            if end - self._frame_start > self.max_frame_bytes:
                 self._too_large(events)
                 return False
+            self._frame_start = end
             events.append(interpret(value))
 
     def _too_large(self, events: list[Event]) -> list[Event]:

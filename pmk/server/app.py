@@ -30,6 +30,7 @@ from pmk.server.methods import (
     check_update_verdict,
 )
 from pmk.server.session import ClientSession
+from pmk.server.watch import BypassWatch
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Server:
         self.protocol_errors = 0
         self.refused_clients = 0
         self.default_reasons: dict[str, int] = {"no_decider": 0, "timeout": 0, "error": 0, "invalid": 0}
+        self.bypass_watch = BypassWatch(lambda: self.backend.stats().get("bypassed", 0))
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -64,6 +66,7 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._listener = await endpoint.listen(self.config, self._new_session)
         self.backend.start(self._loop, self._on_packets)
+        self.bypass_watch.start(self._loop)
         log.info("pmk %s serving on %s with the %s backend", pmk.__version__, self.config.endpoint, self.backend.name)
 
     async def stop(self) -> None:
@@ -74,14 +77,17 @@ class Server:
         self._carry_out()
         if self._timer is not None:
             self._timer.cancel()
-        self.backend.close()
-        for session in list(self.sessions.values()):
-            session.flush()
-            session.close()
-        if self._listener is not None:
-            self._listener.close()
-            await self._listener.wait_closed()
-        endpoint.remove(self.config)
+        self.bypass_watch.stop()
+        try:
+            self.backend.close()
+        finally:
+            for session in list(self.sessions.values()):
+                session.flush()
+                session.close()
+            if self._listener is not None:
+                self._listener.close()
+                await self._listener.wait_closed()
+            endpoint.remove(self.config)
 
     def _new_session(self) -> ClientSession:
         session = ClientSession(self, self._next_session)
@@ -223,7 +229,11 @@ class Server:
         if role == "decider":
             self.dispatcher.add_decider(session.id)
         else:
-            self.dispatcher.remove_decider(session.id)
+            # A decider turning observer must not strand what it was asked: re-ask elsewhere.
+            now = time.monotonic()
+            for packet_id in self.dispatcher.remove_decider(session.id):
+                self._send_decide(packet_id, now)
+            self._carry_out()
         return {"protocol": pmk.PROTOCOL_VERSION, "version": pmk.__version__, "backend": self.backend.name}
 
     def _get_payload(self, session: ClientSession, params: list[Any]) -> bytes:
@@ -267,7 +277,10 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.engine.stats()
-        stats.update(self.backend.stats())
+        for name, value in self.backend.stats().items():
+            # The engine's accounting wins; a backend counter of the same name
+            # (nfqueue counts its own accepted/blocked/dropped) gets a prefix.
+            stats[f"{self.backend.name}_{name}" if name in stats else name] = value
         stats["deciders"] = self.dispatcher.deciders
         stats["clients"] = len(self.sessions)
         stats["in_flight"] = self.dispatcher.in_flight()

@@ -2,7 +2,11 @@
 
 POSIX: a Unix stream socket in a directory pmk owns (root, mode 0750), so
 that no other user can plant or swap the socket; each peer's uid/gid is read
-with SO_PEERCRED and checked. Windows: a named pipe (see ``winpipe``).
+with SO_PEERCRED and checked. Two layers: file permissions decide who can
+reach the socket at all (root, and with ``--allow-group`` that group, which
+then owns the directory and socket), SO_PEERCRED decides who is served. An
+``--allow-uid`` user needs a way in as well (a group, or an ACL the operator
+sets). Windows: a named pipe with its own DACL (see ``winpipe``).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ class EndpointError(RuntimeError):
     """The endpoint cannot be created safely; pmk refuses to start."""
 
 
-def prepare_socket_path(path: str) -> None:
+def prepare_socket_path(path: str, group: int | None = None) -> None:
     """Create or check the socket's directory; remove a stale socket file.
 
-    Refuses a path whose directory or socket is a symlink or owned by another
-    user: someone else could then replace the socket pmk listens on.
+    Refuses a directory or socket that is a symlink, owned by another user,
+    or writable by anyone but its owner: someone else could then replace the
+    socket pmk listens on. ``group`` (the first ``--allow-group``) gets the
+    directory, so that its members can reach the socket at all.
     """
     sock_path = Path(path)
     directory = sock_path.parent
@@ -44,8 +50,11 @@ def prepare_socket_path(path: str) -> None:
         raise EndpointError(f"{directory} is not a directory")
     if info.st_uid != os.geteuid():
         raise EndpointError(f"{directory} is owned by uid {info.st_uid}, not by pmk's user")
-    if info.st_mode & 0o002:
-        raise EndpointError(f"{directory} is world-writable; refusing to serve there")
+    if info.st_mode & 0o022:
+        raise EndpointError(f"{directory} is writable by group or others; refusing to serve there")
+    if group is not None:
+        os.chown(directory, -1, group)
+        os.chmod(directory, SOCKET_DIR_MODE)
     if sock_path.is_symlink():
         raise EndpointError(f"{sock_path} is a symlink; refusing to serve there")
     if sock_path.exists():
@@ -78,12 +87,15 @@ async def listen(config: ServeConfig, factory: Callable[[], asyncio.Protocol]) -
         from pmk.server import winpipe
 
         return await winpipe.serve(loop, config.endpoint, factory)
-    prepare_socket_path(config.endpoint)
+    group = config.allow_gids[0] if config.allow_gids else None
+    prepare_socket_path(config.endpoint, group)
     old_umask = os.umask(0o117)
     try:
         server = await loop.create_unix_server(factory, config.endpoint, backlog=128)
     finally:
         os.umask(old_umask)
+    if group is not None:
+        os.chown(config.endpoint, -1, group)
     os.chmod(config.endpoint, SOCKET_MODE)
     return server
 
@@ -116,7 +128,10 @@ def check_peer(config: ServeConfig, transport: asyncio.BaseTransport) -> str | N
     ``--allow-uid`` / ``--allow-group``.
     """
     if sys.platform == "win32":
-        return None  # the pipe's DACL and winpipe's checks decide there
+        # The pipe's DACL decides who may open it; winpipe checks the client's process.
+        from pmk.server.winpipe import REFUSAL_KEY
+
+        return transport.get_extra_info(REFUSAL_KEY)
     credentials = peer_credentials(transport)
     if credentials is None:
         return "peer credentials cannot be read"
@@ -129,13 +144,13 @@ def check_peer(config: ServeConfig, transport: asyncio.BaseTransport) -> str | N
 
 
 def _in_groups(uid: int, gid: int, allowed: tuple[int, ...]) -> bool:
+    """The peer's primary gid, or a group the user database lists it in, is allowed."""
     if gid in allowed:
         return True
     try:
-        import grp
         import pwd
 
         user = pwd.getpwuid(uid).pw_name
-        return any(user in grp.getgrgid(g).gr_mem for g in allowed)
-    except (KeyError, ImportError):
+        return not set(os.getgrouplist(user, gid)).isdisjoint(allowed)
+    except (KeyError, ImportError, OSError):
         return False

@@ -59,6 +59,10 @@ class ClientSession(asyncio.Protocol):
                     self.flush()
                     self.close()
                     return
+            if self.unread_output() > MAX_UNREAD_OUTPUT:
+                # A flood of requests from a client that does not read its answers.
+                self._cut_off()
+                return
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -81,10 +85,20 @@ class ClientSession(asyncio.Protocol):
         if data:
             self.transport.write(data)
             if self.transport.get_write_buffer_size() > MAX_UNREAD_OUTPUT:
-                log.warning("client %s (%s) stopped reading; disconnecting it", self.id, self.name or "unnamed")
-                self.server.counters_slow_clients += 1
-                self.transport.abort()
-                self.closed = True
+                self._cut_off()
+
+    def unread_output(self) -> int:
+        """Bytes queued for this client that it has not taken yet (beyond the kernel's buffer)."""
+        buffered = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return buffered + self.rpc.pending_output()
+
+    def _cut_off(self) -> None:
+        """Drop a client that is too far behind; connection_lost hands its requests on."""
+        log.warning("client %s (%s) stopped reading; disconnecting it", self.id, self.name or "unnamed")
+        self.server.counters_slow_clients += 1
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

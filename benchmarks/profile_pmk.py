@@ -1,0 +1,98 @@
+"""Profile pmk (py-spy) while the benchmark drives it: where does the time go?
+
+    sudo .venv/bin/python benchmarks/profile_pmk.py [--case cached|new] [--rate PPS] [--seconds S]
+
+``cached`` floods one accepted UDP flow through the divert backend (row C);
+``new`` sends a new connection per packet at ``--rate`` (row D). Prints the
+functions with the most samples, own time and including callees. Needs
+py-spy in the venv (``pip install py-spy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from pmk.bench.runner import Bench, Settings
+from pmk.testing.netns import two_hosts
+
+
+def summarise(raw_path: str, top: int = 25) -> str:
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    with open(raw_path) as f:
+        for line in f:
+            stack, _, count_text = line.rstrip().rpartition(" ")
+            count = int(count_text)
+            frames = [fr.split(" (")[0] + " " + fr.split("/")[-1].rstrip(")") for fr in stack.split(";")]
+            samples += count
+            own[frames[-1]] += count
+            for frame in set(frames):
+                total[frame] += count
+    lines = [f"{samples} samples", "own time:"]
+    lines += [f"  {100 * n / samples:5.1f}%  {name}" for name, n in own.most_common(top)]
+    lines.append("including callees:")
+    lines += [f"  {100 * n / samples:5.1f}%  {name}" for name, n in total.most_common(top)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--case", choices=("cached", "new"), default="cached")
+    parser.add_argument("--rate", type=float, default=0)
+    parser.add_argument("--seconds", type=float, default=6)
+    parser.add_argument("--backend", default="divert")
+    args = parser.parse_args()
+    spy = shutil.which("py-spy") or f"{sys.prefix}/bin/py-spy"
+    tmp = tempfile.mkdtemp(prefix="pmk-prof-")
+    out = f"{tmp}/profile.txt"
+    with two_hosts() as hosts:
+        hosts.sh(hosts.server, "ip", "route", "add", "198.19.0.0/16", "via", hosts.client_ip)
+        bench = Bench(hosts, tmp, Settings(seconds=args.seconds), lambda t: print(t, file=sys.stderr))
+        try:
+            with bench.pmk(args.backend) as pmk:
+                new = args.case == "new"
+                if not new:
+                    bench.warm()
+                receiver = bench.udp_receiver(args.seconds + 4, sample=100)
+                sender = bench.udp_sender(seconds=args.seconds, rate=args.rate, new_flows=new)
+                time.sleep(0.5)
+                subprocess.run(
+                    [
+                        spy,
+                        "record",
+                        "-p",
+                        str(pmk.proc.popen.pid),
+                        "-d",
+                        str(int(args.seconds - 1)),
+                        "-r",
+                        "250",
+                        "-f",
+                        "raw",
+                        "-o",
+                        out,
+                        "--nonblocking",
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
+                print(sender.wait_json(30), receiver.wait_json(30))
+                stats = pmk.stats()
+                print(
+                    {k: stats[k] for k in ("captured", "accepted", "evicted", "bypassed", "requests", "late_verdicts")}
+                )
+        finally:
+            bench.procs.stop_all()
+    print(summarise(out))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

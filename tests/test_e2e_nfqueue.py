@@ -1,0 +1,59 @@
+"""Issue 3 end to end: the kernel fast path, as ``pmk serve --capture nfqueue`` runs it.
+
+Decided connections stay in the kernel, nothing passes while no pmk reads
+the queue, and a crashed pmk's rules are cleaned up by the next start.
+"""
+
+from __future__ import annotations
+
+import re
+
+try:
+    from tests.harness import QUIET, Decision, Testbed, needs_root, netns, payload_digest, pmk_rules
+except ImportError:  # tests/ itself on sys.path (pytest's default import mode)
+    from harness import QUIET, Decision, Testbed, needs_root, netns, payload_digest, pmk_rules  # type: ignore[no-redef]
+
+pytestmark = [netns, needs_root]
+
+BULK = 20 * 1024 * 1024
+
+
+async def test_long_transfer_after_permanent_accept_reaches_python_once() -> None:
+    async with Testbed("nfqueue", ["tcp:7211"]) as bed:
+        decider = await bed.decider(lambda info: Decision("accept", permanent=True))
+        result = await bed.client.transfer(bed.hosts.server_ip, 7211, BULK, timeout=120)
+        assert result.get("error") is None, result
+        assert (result["received"], result["sha256"]) == (BULK, payload_digest(BULK))
+        stats = await bed.server.check_identity()
+        print(f"\n{BULK} bytes each way after a permanent accept: {stats['captured']} packet(s) reached pmk")
+        assert len(decider.infos) == 1
+        assert 1 <= stats["captured"] <= 3
+        assert stats["accepted"] == stats["captured"]
+
+
+async def test_crashed_pmk_fails_closed_and_the_next_start_cleans_up() -> None:
+    async with Testbed("nfqueue", ["tcp:7215", "udp:7216"]) as bed:
+        ip = bed.hosts.server_ip
+        await bed.decider(lambda info: Decision("accept", permanent=True), name="first")
+        assert (await bed.client.tcp_connect(ip, 7215, id="before"))["ok"]
+        crashed = bed.server
+        await crashed.kill()
+
+        # Nothing reads the queue, the rules stay: new connections go nowhere.
+        left = pmk_rules(bed.hosts)
+        assert any(f"pmk pid {crashed.pid}" in line for line in left), left
+        assert await bed.client.tcp_connect(ip, 7215, id="t", timeout=QUIET) == {"error": "timeout"}
+        await bed.client.udp_open(ip, 7216, id="u")
+        assert await bed.client.ping("anyone?", id="u", timeout=QUIET) == {"error": "timeout"}
+        assert len(bed.peer.accepts(7215)) == 1 and bed.peer.udp(7216) == []
+
+        restarted = await bed.start_pmk()
+        rules = pmk_rules(bed.hosts)
+        owners = {int(pid) for pid in re.findall(r"pmk pid (\d+)", "\n".join(rules))}
+        assert owners == {restarted.pid}, rules
+        # One jump per hook and family: the stale ones went, none doubled.
+        assert len([line for line in rules if line.split()[1:3] == ["-A", "INPUT"]]) == 2, rules
+        await bed.decider(lambda info: Decision("accept", permanent=True), name="second")
+        assert (await bed.client.tcp_connect(ip, 7215, id="after"))["ok"]
+        assert await bed.client.ping("back", id="after") == {"data": "back"}
+        # The testbed's exit stops this pmk and checks that no rule is left.
