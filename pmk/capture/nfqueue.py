@@ -27,6 +27,7 @@ from typing import Any
 
 from pmk.capture import netfilter_rules as rules
 from pmk.capture.base import CaptureBackend, CapturedPacket, PacketSink
+from pmk.packet.parse import TCP, UDP, parse_flow
 from pmk.verdicts import ConnKey, Verdict
 
 #: Packets taken per readable event, so one flood cannot starve the event loop.
@@ -132,25 +133,6 @@ def read_queue_counters(queue_num: int) -> dict[str, int]:
     except (OSError, ValueError):
         pass
     return {}
-
-
-def _flow(raw: bytes) -> tuple[int, bytes, bytes, int, int, bool] | None:
-    """(protocol, src, dst, sport, dport, tcp_syn_only) of a TCP/UDP packet, else None."""
-    if not raw:
-        return None
-    version = raw[0] >> 4
-    if version == 4 and len(raw) >= 20:
-        ihl = (raw[0] & 0x0F) * 4
-        proto, src, dst, off = raw[9], raw[12:16], raw[16:20], ihl
-    elif version == 6 and len(raw) >= 40:
-        proto, src, dst, off = raw[6], raw[8:24], raw[24:40], 40
-    else:
-        return None
-    if proto not in (6, 17) or len(raw) < off + 14:
-        return None
-    sport, dport = struct.unpack_from("!HH", raw, off)
-    syn_only = proto == 6 and (raw[off + 13] & 0x12) == 0x02
-    return proto, src, dst, sport, dport, syn_only
 
 
 class _BoundedRecv:
@@ -325,13 +307,17 @@ class NfqueueBackend(CaptureBackend):
 
     def _remember_dropped_flow(self, raw: bytes, code: int | None) -> None:
         """Re-create the conntrack entry a dropped first packet took along (see create_flow)."""
-        flow = _flow(raw)
-        if flow is None or code is None or self._pool is None:
+        flow = parse_flow(raw)
+        if flow is None or flow.protocol not in (TCP, UDP) or code is None or self._pool is None:
             return
-        proto, src, dst, sport, dport, syn_only = flow
-        if proto == 6 and not (syn_only and code == rules.MarkCode.DROP):
-            return  # later TCP packets have a confirmed entry; a blocked SYN got its reset
-        self._pool.submit(self._create_flow, proto, src, dst, sport, dport, code)
+        if flow.protocol == TCP:
+            offset = flow.transport_offset
+            syn_only = offset >= 0 and len(raw) > offset + 13 and (raw[offset + 13] & 0x12) == 0x02
+            if not (syn_only and code == rules.MarkCode.DROP):
+                return  # later TCP packets have a confirmed entry; a blocked SYN got its reset
+        self._pool.submit(
+            self._create_flow, flow.protocol, flow.src, flow.dst, flow.src_port, flow.dst_port, code
+        )
 
     def _create_flow(self, *args: Any) -> None:
         try:
