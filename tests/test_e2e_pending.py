@@ -12,7 +12,18 @@ import ipaddress
 import pytest
 
 try:
-    from tests.harness import BACKENDS, HOLD, NEVER, QUIET, Decision, RemoteError, Testbed, needs_root, netns
+    from tests.harness import (
+        BACKENDS,
+        HOLD,
+        NEVER,
+        QUIET,
+        Decision,
+        RemoteError,
+        Testbed,
+        eventually,
+        needs_root,
+        netns,
+    )
 except ImportError:  # tests/ itself on sys.path (pytest's default import mode)
     from harness import (  # type: ignore[no-redef]
         BACKENDS,
@@ -22,6 +33,7 @@ except ImportError:  # tests/ itself on sys.path (pytest's default import mode)
         Decision,
         RemoteError,
         Testbed,
+        eventually,
         needs_root,
         netns,
     )
@@ -55,7 +67,7 @@ async def test_full_packet_cache_evicts_the_oldest_first(backend: str) -> None:
         stats = await bed.server.check_identity()
         assert (stats["captured"], stats["pending"], stats["evicted"], stats["withdrawn"]) == (flows, 4, 2, 2)
         # The two oldest went, with their requests withdrawn; the rest is still held.
-        await asyncio.sleep(0)  # the notifications were sent before get_stats answered
+        await eventually(lambda: len(decider.withdrawn) >= 2, "withdrawn notifications")
         assert decider.withdrawn == ids[:2]
         assert [await _unknown(bed, i) for i in ids] == [True, True, False, False, False, False]
 
@@ -105,7 +117,7 @@ async def test_default_verdict_applies_after_a_timeout(backend: str, default: st
         else:
             assert await bed.client.ping("too slow", id="u") == {"data": "too slow"}
         assert len(decider.infos) >= 2
-        stats = await bed.server.check_identity()
+        stats = await bed.server.wait_stats(lambda s: s["pending"] == 0, "every held packet settled")
         assert stats["timeouts"] == stats["default_timeout"] == len(decider.infos)
         assert stats["defaulted"] >= stats["timeouts"]
         assert stats["verdict_cache_entries"] == 0

@@ -519,6 +519,7 @@ def main(settings: Settings, as_json: bool = False) -> int:
         with two_hosts() as hosts:
             hosts.sh(hosts.server, "ip", "route", "add", "198.19.0.0/16", "via", hosts.client_ip)
             bench = Bench(hosts, tmp, settings, lambda text: print(f"... {text}", file=sys.stderr, flush=True))
+            bench.log(f"namespaces {hosts.client} {hosts.server}")
             bench.run()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
