@@ -47,6 +47,8 @@ class ServeConfig:
     verdict_cache: int = DEFAULT_VERDICT_CACHE
     default_verdict: Verdict = DEFAULT_VERDICT
     verdict_timeout: float = DEFAULT_VERDICT_TIMEOUT
+    #: decide requests outstanding per decider before further asks wait (SPEC 5.3).
+    max_in_flight: int = 256
     allow_uids: tuple[int, ...] = ()
     allow_gids: tuple[int, ...] = ()
     fail_open: bool = False

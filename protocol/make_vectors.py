@@ -155,6 +155,7 @@ STATS = {
     "withdrawn": 3,
     "clients": 2,
     "in_flight": 5,
+    "waiting_for_decider": 0,
     "protocol_errors": 0,
     "refused_clients": 0,
     "slow_clients": 0,

@@ -63,3 +63,23 @@ def test_a_reassigned_request_keeps_only_its_new_deadline() -> None:
     dispatcher.assign(100, 2, msgid=5, now=0.8)
     assert dispatcher.expired(now=1.1) == []  # the old deadline is stale
     assert [pid for pid, _ in dispatcher.expired(now=1.9)] == [100]
+
+
+def test_asks_beyond_a_deciders_room_are_parked_oldest_first() -> None:
+    dispatcher = Dispatcher(timeout=1.0, max_in_flight=1)
+    dispatcher.add_decider(1)
+    assert dispatcher.has_room(1)
+    dispatcher.assign(100, 1, msgid=0, now=0.0)
+    assert not dispatcher.has_room(1)
+    dispatcher.wait(101, now=0.1)
+    dispatcher.wait(102, now=0.2)
+    assert dispatcher.unpark(102) and not dispatcher.unpark(102)
+    dispatcher.wait(103, now=0.3)
+    assert dispatcher.next_deadline() == 1.0
+    dispatcher.complete(100)
+    assert dispatcher.has_room(1)
+    assert dispatcher.next_waiting() == (101, 1.1)
+    # A parked ask that outlives its deadline expires like a sent request.
+    assert dispatcher.expired_waiting(now=1.2) == []
+    assert dispatcher.expired_waiting(now=1.3) == [103]
+    assert dispatcher.waiting() == 0

@@ -190,3 +190,37 @@ async def test_shutdown_gives_held_packets_the_default(served) -> None:  # type:
     assert sorted(v.value for _, v, _ in backend.applied) == ["drop", "drop"]
     assert backend.closed and not os.path.exists(path)
     await server.start()  # the fixture stops it again
+
+
+async def test_asks_beyond_the_in_flight_limit_wait_their_turn() -> None:
+    directory = tempfile.mkdtemp(prefix="pmk-test-")
+    path = os.path.join(directory, "pmk.sock")
+    backend = RecordingBackend()
+    server = Server(ServeConfig(endpoint=path, max_in_flight=1, verdict_timeout=5.0), backend)
+    await server.start()
+    try:
+        answers: dict[int, asyncio.Future[Decision]] = {}
+        seen: list[int] = []
+
+        def decide(info: dict) -> asyncio.Future[Decision]:  # type: ignore[type-arg]
+            seen.append(info["remote_port"])
+            answers[info["remote_port"]] = asyncio.get_running_loop().create_future()
+            return answers[info["remote_port"]]
+
+        decider = await Client.connect(path, decide)
+        await decider.hello("slow", "decider")
+        backend.push(packet(1), packet(2), packet(3))
+        await until(lambda: seen == [1])
+        assert server.stats()["waiting_for_decider"] == 2 and server.stats()["in_flight"] == 1
+        answers[1].set_result(Decision("accept"))
+        await until(lambda: seen == [1, 2])
+        answers[2].set_result(Decision("drop"))
+        await until(lambda: seen == [1, 2, 3])
+        answers[3].set_result(Decision("block"))
+        await until(lambda: len(backend.applied) == 3)
+        assert [v for _, v, _ in backend.applied] == [Verdict.ACCEPT, Verdict.DROP, Verdict.BLOCK]
+        assert identity_holds(server.stats()) and server.stats()["defaulted"] == 0
+        decider.close()
+    finally:
+        await server.stop()
+        os.rmdir(directory)

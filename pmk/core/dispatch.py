@@ -3,12 +3,22 @@
 Pure bookkeeping: sessions are plain ids here. Every request gets the same
 timeout, so deadlines arrive in order and a deque is enough to find the
 expired ones.
+
+A decider has at most ``max_in_flight`` requests out. Asks beyond that wait
+here, oldest first, and go out as answers come back: under a flood the
+decider works on packets that are still held instead of on a backlog the
+packet cache has long evicted. A waiting ask keeps the deadline it would
+have had, so the default verdict still comes on time.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+# Enough pipelining to keep one decider busy (a round trip on a Unix socket
+# is tens of microseconds), few enough that its backlog stays fresh.
+DEFAULT_MAX_IN_FLIGHT = 256
 
 
 @dataclass(slots=True)
@@ -23,13 +33,18 @@ class Assignment:
 class Dispatcher:
     """Least-loaded choice among connected deciders, with per-request deadlines."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         if timeout <= 0:
             raise ValueError("verdict timeout must be positive")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self.timeout = timeout
+        self.max_in_flight = max_in_flight
         self._load: dict[int, int] = {}
         self._assignments: dict[int, Assignment] = {}
         self._deadlines: deque[tuple[float, int, int, int]] = deque()
+        #: packet id -> deadline, for asks no decider has room for yet.
+        self._waiting: OrderedDict[int, float] = OrderedDict()
 
     @property
     def deciders(self) -> int:
@@ -52,8 +67,30 @@ class Dispatcher:
             return None
         return min(self._load, key=self._load.__getitem__)
 
-    def assign(self, packet_id: int, session: int, msgid: int, now: float) -> None:
-        deadline = now + self.timeout
+    def has_room(self, session: int) -> bool:
+        return self._load.get(session, self.max_in_flight) < self.max_in_flight
+
+    def wait(self, packet_id: int, now: float) -> None:
+        """Park an ask until a decider has room; it expires like a sent request."""
+        self._waiting.setdefault(packet_id, now + self.timeout)
+
+    def next_waiting(self) -> tuple[int, float] | None:
+        """Take the oldest parked ask and its deadline, if any."""
+        if not self._waiting:
+            return None
+        return self._waiting.popitem(last=False)
+
+    def unpark(self, packet_id: int) -> bool:
+        """Forget a parked ask (its packet was settled or evicted)."""
+        return self._waiting.pop(packet_id, None) is not None
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def assign(self, packet_id: int, session: int, msgid: int, now: float, deadline: float | None = None) -> None:
+        """Record a sent request; ``deadline`` carries over from a parked ask."""
+        if deadline is None:
+            deadline = now + self.timeout
         self._assignments[packet_id] = Assignment(session, msgid, deadline)
         self._load[session] += 1
         self._deadlines.append((deadline, packet_id, session, msgid))
@@ -68,6 +105,17 @@ class Dispatcher:
     def owner(self, packet_id: int) -> Assignment | None:
         return self._assignments.get(packet_id)
 
+    def expired_waiting(self, now: float) -> list[int]:
+        """Parked asks whose deadline passed; they are no longer tracked."""
+        due: list[int] = []
+        while self._waiting:
+            packet_id, deadline = next(iter(self._waiting.items()))
+            if deadline > now:
+                break
+            del self._waiting[packet_id]
+            due.append(packet_id)
+        return due
+
     def expired(self, now: float) -> list[tuple[int, Assignment]]:
         """Requests whose deadline passed; they are no longer tracked."""
         due: list[tuple[int, Assignment]] = []
@@ -81,7 +129,12 @@ class Dispatcher:
         return due
 
     def next_deadline(self) -> float | None:
-        return self._deadlines[0][0] if self._deadlines else None
+        candidates = []
+        if self._deadlines:
+            candidates.append(self._deadlines[0][0])
+        if self._waiting:
+            candidates.append(next(iter(self._waiting.values())))
+        return min(candidates) if candidates else None
 
     def in_flight(self) -> int:
         return len(self._assignments)

@@ -46,7 +46,7 @@ class Server:
             verdict_cache_size=config.verdict_cache,
             default_verdict=config.default_verdict,
         )
-        self.dispatcher = Dispatcher(config.verdict_timeout)
+        self.dispatcher = Dispatcher(config.verdict_timeout, config.max_in_flight)
         self.sessions: dict[int, ClientSession] = {}
         self._next_session = 1
         self._timer: asyncio.TimerHandle | None = None
@@ -113,25 +113,35 @@ class Server:
     def _carry_out(self) -> None:
         """Do what the engine recorded, until asking produces no more defaults."""
         engine = self.engine
-        while engine.outbox:
-            work = engine.outbox.take()
-            for packets, verdict, permanent in work.applies:
-                self.backend.apply(packets, verdict, permanent)
-            for held in work.withdrawn:
-                assignment = self.dispatcher.complete(held.id)
-                if assignment is not None:
-                    session = self.sessions.get(assignment.session)
-                    if session is not None:
-                        session.rpc.forget(assignment.msgid)
-                        session.rpc.send_notification("withdrawn", [held.id])
-                        session.schedule_flush()
-            now = time.monotonic()
-            for held in work.asks:
-                self._send_decide(held.id, now)
+        while True:
+            while engine.outbox:
+                work = engine.outbox.take()
+                for packets, verdict, permanent in work.applies:
+                    self.backend.apply(packets, verdict, permanent)
+                for held in work.withdrawn:
+                    self._withdraw(held.id)
+                now = time.monotonic()
+                for held in work.asks:
+                    self._send_decide(held.id, now)
+            self._pump_waiting(time.monotonic())
+            if not engine.outbox:
+                break
         self._arm_timer()
 
-    def _send_decide(self, packet_id: int, now: float) -> None:
-        """Ask the least-loaded decider about a packet, or settle it by default."""
+    def _withdraw(self, packet_id: int) -> None:
+        """The packet is gone: cancel its parked ask or tell its decider."""
+        if self.dispatcher.unpark(packet_id):
+            return
+        assignment = self.dispatcher.complete(packet_id)
+        if assignment is not None:
+            session = self.sessions.get(assignment.session)
+            if session is not None:
+                session.rpc.forget(assignment.msgid)
+                session.rpc.send_notification("withdrawn", [packet_id])
+                session.schedule_flush()
+
+    def _send_decide(self, packet_id: int, now: float, deadline: float | None = None) -> None:
+        """Ask the least-loaded decider about a packet, park the ask, or settle it by default."""
         held = self.engine.held.get(packet_id)
         if held is None or not self.engine.is_asked(packet_id):
             return
@@ -140,10 +150,25 @@ class Server:
             self.default_reasons["no_decider"] += 1
             self.engine.on_default(packet_id)
             return
+        if deadline is None and (self.dispatcher.waiting() or not self.dispatcher.has_room(target)):
+            # Oldest first: a new ask never overtakes parked ones.
+            self.dispatcher.wait(packet_id, now)
+            return
         session = self.sessions[target]
         msgid = session.rpc.send_request("decide", [decide_info(held)], context=packet_id)
-        self.dispatcher.assign(packet_id, target, msgid, now)
+        self.dispatcher.assign(packet_id, target, msgid, now, deadline)
         session.schedule_flush()
+
+    def _pump_waiting(self, now: float) -> None:
+        """Send parked asks while a decider has room (or default them if none is left)."""
+        dispatcher = self.dispatcher
+        while dispatcher.waiting():
+            target = dispatcher.pick()
+            if target is not None and not dispatcher.has_room(target):
+                return
+            parked = dispatcher.next_waiting()
+            assert parked is not None
+            self._send_decide(parked[0], now, deadline=parked[1])
 
     def _arm_timer(self) -> None:
         deadline = self.dispatcher.next_deadline()
@@ -156,7 +181,12 @@ class Server:
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
-        for packet_id, assignment in self.dispatcher.expired(time.monotonic()):
+        now = time.monotonic()
+        for packet_id in self.dispatcher.expired_waiting(now):
+            self.engine.counters.timeouts += 1
+            self.default_reasons["timeout"] += 1
+            self.engine.on_default(packet_id)
+        for packet_id, assignment in self.dispatcher.expired(now):
             session = self.sessions.get(assignment.session)
             if session is not None:
                 session.rpc.forget(assignment.msgid)
@@ -208,6 +238,8 @@ class Server:
             session.rpc.send_error(request.msgid, error.code, str(error))
         else:
             session.rpc.send_response(request.msgid, None, result)
+        if request.method == "hello":
+            self._carry_out()  # a new decider may take parked asks
 
     def on_session_lost(self, session: ClientSession) -> None:
         self.sessions.pop(session.id, None)
@@ -284,6 +316,7 @@ class Server:
         stats["deciders"] = self.dispatcher.deciders
         stats["clients"] = len(self.sessions)
         stats["in_flight"] = self.dispatcher.in_flight()
+        stats["waiting_for_decider"] = self.dispatcher.waiting()
         stats["protocol_errors"] = self.protocol_errors
         stats["refused_clients"] = self.refused_clients
         stats["slow_clients"] = self.counters_slow_clients
