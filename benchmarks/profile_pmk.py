@@ -4,7 +4,8 @@
 
 ``cached`` floods one accepted UDP flow through the divert backend (row C);
 ``new`` sends a new connection per packet at ``--rate`` (row D). Prints the
-functions with the most samples, own time and including callees. Needs
+functions with the most samples, own time and including callees, for pmk
+and (case ``new``) for the bench decider, which runs on ``pmk.client``. Needs
 py-spy in the venv (``pip install py-spy``).
 """
 
@@ -20,6 +21,8 @@ import time
 
 from pmk.bench.runner import Bench, Settings
 from pmk.testing.netns import two_hosts
+
+RAW = ("--nonblocking", "-f", "raw", "-o")
 
 
 def summarise(raw_path: str, top: int = 25) -> str:
@@ -52,6 +55,7 @@ def main() -> int:
     spy = shutil.which("py-spy") or f"{sys.prefix}/bin/py-spy"
     tmp = tempfile.mkdtemp(prefix="pmk-prof-")
     out = f"{tmp}/profile.txt"
+    out_decider = f"{tmp}/profile-decider.txt"
     with two_hosts() as hosts:
         hosts.sh(hosts.server, "ip", "route", "add", "198.19.0.0/16", "via", hosts.client_ip)
         bench = Bench(hosts, tmp, Settings(seconds=args.seconds), lambda t: print(t, file=sys.stderr))
@@ -63,25 +67,17 @@ def main() -> int:
                 receiver = bench.udp_receiver(args.seconds + 4, sample=100)
                 sender = bench.udp_sender(seconds=args.seconds, rate=args.rate, new_flows=new)
                 time.sleep(0.5)
-                subprocess.run(
-                    [
-                        spy,
-                        "record",
-                        "-p",
-                        str(pmk.proc.popen.pid),
-                        "-d",
-                        str(int(args.seconds - 1)),
-                        "-r",
-                        "250",
-                        "-f",
-                        "raw",
-                        "-o",
-                        out,
-                        "--nonblocking",
-                    ],
-                    check=True,
-                    capture_output=True,
-                )
+                decider = next(p for p in bench.procs.procs if p.name == "decider")
+                spies = [
+                    subprocess.Popen(
+                        [spy, "record", "-p", str(pid), "-d", str(int(args.seconds - 1)), "-r", "250", *RAW, path],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    for pid, path in ((pmk.proc.popen.pid, out), (decider.popen.pid, out_decider))
+                ]
+                for spy_proc in spies:
+                    spy_proc.wait(timeout=args.seconds + 30)
                 print(sender.wait_json(30), receiver.wait_json(30))
                 stats = pmk.stats()
                 print(
@@ -89,7 +85,11 @@ def main() -> int:
                 )
         finally:
             bench.procs.stop_all()
+    print("== pmk ==")
     print(summarise(out))
+    if args.case == "new":
+        print("== decider (pmk.client) ==")
+        print(summarise(out_decider))
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--scope", default="", help="nfqueue: what to intercept, e.g. 'tcp:443,udp:5000-5010,icmp' (default: all)"
     )
     serve.add_argument("--queue-maxlen", type=_positive_int, default=1024, help="nfqueue: kernel queue length")
+    serve.add_argument(
+        "--divert-batch", type=_positive_int, default=defaults.DEFAULT_DIVERT_BATCH, help="divert: packets per receive"
+    )
+    serve.add_argument("--divert-wakeup-batches", type=_positive_int, default=1, help="divert: receives per wake-up")
+    serve.add_argument(
+        "--ring-bytes",
+        type=int,
+        default=defaults.DEFAULT_RING_BYTES,
+        help="divert (Linux): eBPF ring, 0 = library default",
+    )
+    serve.add_argument("--divert-queue-len", type=int, default=0, help="divert: driver queue length, 0 = default")
     serve.add_argument("--log-level", default="info")
 
     stats = commands.add_parser("stats", help="print a running server's counters")
@@ -79,6 +90,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         queue_num=args.queue_num,
         scope=args.scope,
         queue_maxlen=args.queue_maxlen,
+        divert_batch=args.divert_batch,
+        divert_batches_per_wakeup=args.divert_wakeup_batches,
+        divert_ring_bytes=args.ring_bytes,
+        divert_queue_len=args.divert_queue_len,
     )
     if args.pipe:
         config.endpoint = args.pipe

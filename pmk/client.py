@@ -151,7 +151,9 @@ class Client:
             log.exception("decide handler failed")
             self.rpc.send_response(request.msgid, wire_error(ErrorCode.INTERNAL, str(error)), None)
             return
-        if inspect.isawaitable(outcome):
+        if type(outcome) is Decision:
+            self.rpc.send_response(request.msgid, None, outcome.to_wire())
+        elif inspect.isawaitable(outcome):
             task = asyncio.ensure_future(self._answer_later(request.msgid, outcome))
             self._answering.add(task)
             task.add_done_callback(self._answering.discard)

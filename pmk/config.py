@@ -26,6 +26,14 @@ DEFAULT_VERDICT_TIMEOUT = 2.0
 # Everything with ports or ICMP, but never loopback: pmk's own clients and
 # local services keep working whatever the decider does.
 DEFAULT_FILTER = "not loopback and (tcp or udp or icmp or icmpv6)"
+# Divert: packets per receive. Small enough that decider answers get in
+# between receives under a flood (255 let the packet cache evict nearly every
+# asked packet before its answer came: benchmarks/README.md, the sweep).
+DEFAULT_DIVERT_BATCH = 32
+# eBPFDivert ring: with the library's 8 MiB a 65k/s flood made it pass
+# packets unfiltered (ringbuf_full); 16 MiB passed none in the sweep. The
+# ring is mapped into pmk, so it shows in RSS (about twice its size).
+DEFAULT_RING_BYTES = 16 << 20
 
 
 def default_endpoint() -> str:
@@ -56,3 +64,11 @@ class ServeConfig:
     #: nfqueue: what to intercept, e.g. "tcp:443,udp:53,icmp"; empty means all.
     scope: str = ""
     queue_maxlen: int = 1024
+    #: divert: packets per recv_ex/send_ex call (1..255).
+    divert_batch: int = DEFAULT_DIVERT_BATCH
+    #: divert: recv_ex calls per wake-up of the event loop.
+    divert_batches_per_wakeup: int = 1
+    #: divert (eBPFDivert): ring buffer bytes; 0 keeps the library's default (8 MiB).
+    divert_ring_bytes: int = DEFAULT_RING_BYTES
+    #: divert: packets the driver queues for pmk; 0 keeps the library's default.
+    divert_queue_len: int = 0

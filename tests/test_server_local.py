@@ -224,3 +224,22 @@ async def test_asks_beyond_the_in_flight_limit_wait_their_turn() -> None:
     finally:
         await server.stop()
         os.rmdir(directory)
+
+
+async def test_an_answer_after_the_timeout_counts_as_late(served) -> None:  # type: ignore[no-untyped-def]
+    server, backend, path = served
+    pending: list[asyncio.Future[Decision]] = []
+
+    def decide(info: dict) -> asyncio.Future[Decision]:  # type: ignore[type-arg]
+        pending.append(asyncio.get_running_loop().create_future())
+        return pending[-1]
+
+    decider = await Client.connect(path, decide)
+    await decider.hello("slow", "decider")
+    backend.push(packet(4))
+    await until(lambda: server.stats()["timeouts"] == 1)
+    pending[0].set_result(Decision("accept"))
+    await until(lambda: server.stats()["late_verdicts"] == 1)
+    assert backend.applied == [(packet(4), Verdict.DROP, False)]  # the default, not the late accept
+    assert server.stats()["protocol_errors"] == 0
+    decider.close()

@@ -29,8 +29,11 @@ PY = sys.executable
 PORT = 5201
 SPORT = 41000
 MTU = 1500
+#: Memory per verdict cache entry (ConnKey, two address bytes, entry, dict slot), measured
+#: with tracemalloc; under overload the growth of RSS is mostly these (see benchmarks/README.md).
+VERDICT_ENTRY_BYTES = 340
 #: Offered new connections per second for row D, tried in turn.
-D_RATES = (5_000, 10_000, 15_000, 20_000, 30_000)
+D_RATES = (5_000, 10_000, 12_000, 14_000, 17_000, 20_000, 25_000, 30_000)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Settings:
     rpc_count: int = 20000
     packet_cache: int = 1024
     divert_args: list[str] = field(default_factory=list)
+    nfqueue_args: list[str] = field(default_factory=list)
     rows: str = "ABCFDEO"
 
     @classmethod
@@ -215,7 +219,7 @@ class Bench:
         if backend == "divert":
             argv += ["--filter", self.divert_filter(), *self.settings.divert_args]
         else:
-            argv += ["--scope", f"tcp:{PORT},udp:{PORT}", "--queue-num", "9"]
+            argv += ["--scope", f"tcp:{PORT},udp:{PORT}", "--queue-num", "9", *self.settings.nfqueue_args]
         proc = self.server(*argv, *extra, name=f"pmk-{backend}")
         try:
             while "serving on" not in proc.line(20):
@@ -351,7 +355,11 @@ class Bench:
                 lambda: int(pmk.stats()["captured"]), pmk.proc, new_flows=True, seconds=self.settings.overload_seconds
             )
             s1 = pmk.stats()
-            self.extra[f"overload_{backend}"] = {
+            counters = {k: s1[k] - s0.get(k, 0) for k in s1 if isinstance(s1[k], int) and k.startswith("divert_")}
+            self.extra[f"overload_{backend}"] = counters | {
+                "accepted": s1["accepted"] - s0["accepted"],
+                "verdict_cache_entries": s1["verdict_cache_entries"],
+                "captured": s1["captured"] - s0["captured"],
                 "offered_pps": result["offered_pps"],
                 "captured_pps": result["pps"],
                 "peak_rss": pmk.proc.peak_rss(),
@@ -502,6 +510,10 @@ def report(bench: Bench) -> str:
             f"packet cache x MTU = {bench.settings.packet_cache} x {MTU} = {cache_bytes / 2**20:.1f} MB; "
             f"bypassed {o['bypassed']}, evicted {o['evicted']}"
             + (f", kernel queue drops {o['kernel_dropped']}" if backend == "nfqueue" else "")
+            + (f", driver queue drops {o['divert_queue_full']}" if backend == "divert" else "")
+            + f"; decided {o['accepted'] / bench.settings.overload_seconds:,.0f}/s, "
+            f"verdict cache then held {o['verdict_cache_entries']:,} connections "
+            f"(x ~{VERDICT_ENTRY_BYTES} B = {o['verdict_cache_entries'] * VERDICT_ENTRY_BYTES / 2**20:.1f} MB)"
         )
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import pydivert
 
 from pmk.capture.base import CaptureBackend, CapturedPacket, PacketSink
+from pmk.config import DEFAULT_DIVERT_BATCH, DEFAULT_RING_BYTES
 from pmk.packet.parse import parse_flow
 from pmk.packet.reject import reject_packet
 from pmk.verdicts import Verdict
@@ -76,13 +77,15 @@ class DivertBackend(CaptureBackend):
         self,
         filter: str,
         *,
-        batch: int = MAX_BATCH,
-        ring_bytes: int = 0,
+        batch: int = DEFAULT_DIVERT_BATCH,
+        ring_bytes: int = DEFAULT_RING_BYTES,
         queue_len: int | None = None,
+        batches_per_wakeup: int = BATCHES_PER_WAKEUP,
         interfaces: list[str] | None = None,
     ) -> None:
         self.filter = filter
         self.batch = max(1, min(batch, MAX_BATCH))
+        self.batches_per_wakeup = max(1, batches_per_wakeup)
         options: dict[str, object] = {}
         if sys.platform.startswith("linux"):
             if ring_bytes:
@@ -114,7 +117,7 @@ class DivertBackend(CaptureBackend):
     def _drain(self) -> None:
         linux, sink = self._linux, self._sink
         assert linux is not None and sink is not None
-        for _ in range(BATCHES_PER_WAKEUP):
+        for _ in range(self.batches_per_wakeup):
             packets = linux.receive()
             if not packets:
                 return

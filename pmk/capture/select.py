@@ -48,5 +48,11 @@ def build_backend(config: ServeConfig) -> CaptureBackend:
     if name == "divert":
         from pmk.capture.divert import DivertBackend
 
-        return DivertBackend(config.filter)
+        return DivertBackend(
+            config.filter,
+            batch=config.divert_batch,
+            ring_bytes=config.divert_ring_bytes,
+            queue_len=config.divert_queue_len or None,
+            batches_per_wakeup=config.divert_batches_per_wakeup,
+        )
     raise ValueError(f"unknown capture backend {name!r}")

@@ -63,9 +63,12 @@ class Dispatcher:
 
     def pick(self) -> int | None:
         """The connected decider with the fewest requests in flight, or None."""
-        if not self._load:
+        load = self._load
+        if len(load) == 1:
+            return next(iter(load))  # the common case, asked once per request
+        if not load:
             return None
-        return min(self._load, key=self._load.__getitem__)
+        return min(load, key=load.__getitem__)
 
     def has_room(self, session: int) -> bool:
         return self._load.get(session, self.max_in_flight) < self.max_in_flight

@@ -40,15 +40,31 @@ MAX_DEPTH = 32
 _FEED_SLICE = 64 * 1024
 
 
+# One packer for every frame: msgpack.packb builds a new Packer per call. pack()
+# runs in C without releasing the GIL, so sharing it between threads is safe.
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
 def encode(message: Message) -> bytes:
     """Serialise one message to its frame."""
     if isinstance(message, Request):
-        value: list[Any] = [Kind.REQUEST, message.msgid, message.method, message.params]
-    elif isinstance(message, Response):
-        value = [Kind.RESPONSE, message.msgid, message.error, message.result]
-    else:
-        value = [Kind.NOTIFICATION, message.method, message.params]
-    return msgpack.packb(value, use_bin_type=True)
+        return encode_request(message.msgid, message.method, message.params)
+    if isinstance(message, Response):
+        return encode_response(message.msgid, message.error, message.result)
+    return encode_notification(message.method, message.params)
+
+
+def encode_request(msgid: int, method: str, params: list[Any]) -> bytes:
+    """The frame of a request (no message object: this runs once per ``decide``)."""
+    return _pack([0, msgid, method, params])
+
+
+def encode_response(msgid: int, error: Any, result: Any) -> bytes:
+    return _pack([1, msgid, error, result])
+
+
+def encode_notification(method: str, params: list[Any]) -> bytes:
+    return _pack([2, method, params])
 
 
 class _BadMap:

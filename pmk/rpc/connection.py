@@ -10,14 +10,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from pmk.rpc.codec import MAX_FRAME_BYTES, Decoder, encode
+from pmk.rpc.codec import MAX_FRAME_BYTES, Decoder, encode_notification, encode_request, encode_response
 from pmk.rpc.messages import (
     MSGID_LIMIT,
     ErrorCode,
     Event,
-    Notification,
     ProtocolViolation,
-    Request,
     Response,
     wire_error,
 )
@@ -68,7 +66,7 @@ class RpcConnection:
         """Queue a request; return its msgid."""
         msgid = self._allocate_msgid()
         self.outstanding[msgid] = context
-        self._out += encode(Request(msgid, method, params))
+        self._out += encode_request(msgid, method, params)
         return msgid
 
     def forget(self, msgid: int) -> Any:
@@ -80,13 +78,13 @@ class RpcConnection:
         return self.outstanding.pop(msgid, None)
 
     def send_response(self, msgid: int, error: Any = None, result: Any = None) -> None:
-        self._out += encode(Response(msgid, error, result))
+        self._out += encode_response(msgid, error, result)
 
     def send_error(self, msgid: int, code: ErrorCode, message: str) -> None:
         self.send_response(msgid, wire_error(code, message), None)
 
     def send_notification(self, method: str, params: list[Any]) -> None:
-        self._out += encode(Notification(method, params))
+        self._out += encode_notification(method, params)
 
     def report(self, violation: ProtocolViolation) -> None:
         """Tell the peer what was wrong: as a response if it had a msgid, else a notification."""

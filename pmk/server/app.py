@@ -31,6 +31,7 @@ from pmk.server.methods import (
 )
 from pmk.server.session import ClientSession
 from pmk.server.watch import BypassWatch
+from pmk.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Server:
         self._started = time.monotonic()
         self.counters_slow_clients = 0
         self.protocol_errors = 0
+        # Late answers are dropped in the RPC layer; their count outlives the session.
+        self._late_answers_of_gone_sessions = 0
         self.refused_clients = 0
         self.default_reasons: dict[str, int] = {"no_decider": 0, "timeout": 0, "error": 0, "invalid": 0}
         self.bypass_watch = BypassWatch(lambda: self.backend.stats().get("bypassed", 0))
@@ -65,6 +68,8 @@ class Server:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._listener = await endpoint.listen(self.config, self._new_session)
+        if hasattr(self.backend, "cache_probe"):
+            self.backend.cache_probe = self.engine.accept_cached  # batches of cached connections skip the engine
         self.backend.start(self._loop, self._on_packets)
         self.bypass_watch.start(self._loop)
         log.info("pmk %s serving on %s with the %s backend", pmk.__version__, self.config.endpoint, self.backend.name)
@@ -116,7 +121,7 @@ class Server:
         while True:
             while engine.outbox:
                 work = engine.outbox.take()
-                for packets, verdict, permanent in work.applies:
+                for packets, verdict, permanent in _coalesced(work.applies):
                     self.backend.apply(packets, verdict, permanent)
                 for held in work.withdrawn:
                     self._withdraw(held.id)
@@ -197,7 +202,8 @@ class Server:
 
     # -- client messages -----------------------------------------------------
 
-    def on_response(self, session: ClientSession, response: Response) -> None:
+    def on_response(self, session: ClientSession, response: Response, *, carry_out: bool = True) -> None:
+        """Apply a decider's answer; ``carry_out=False`` leaves the work for one ``carry_out()`` per read."""
         packet_id = session.rpc.take_context(response)
         assignment = self.dispatcher.owner(packet_id)
         if assignment is None or assignment.session != session.id or assignment.msgid != response.msgid:
@@ -219,6 +225,11 @@ class Server:
                 self.engine.on_default(packet_id)
             else:
                 self.engine.on_verdict(packet_id, verdict, permanent)
+        if carry_out:
+            self._carry_out()
+
+    def carry_out(self) -> None:
+        """Do the work deferred by ``on_response(..., carry_out=False)``."""
         self._carry_out()
 
     def on_violation(self, session: ClientSession, violation: ProtocolViolation) -> None:
@@ -243,6 +254,7 @@ class Server:
 
     def on_session_lost(self, session: ClientSession) -> None:
         self.sessions.pop(session.id, None)
+        self._late_answers_of_gone_sessions += session.rpc.late_responses
         orphans = self.dispatcher.remove_decider(session.id)
         if orphans:
             log.info("decider %s left with %d requests pending; re-asking", session.name, len(orphans))
@@ -316,6 +328,9 @@ class Server:
         stats["deciders"] = self.dispatcher.deciders
         stats["clients"] = len(self.sessions)
         stats["in_flight"] = self.dispatcher.in_flight()
+        stats["late_verdicts"] += self._late_answers_of_gone_sessions + sum(
+            session.rpc.late_responses for session in self.sessions.values()
+        )
         stats["waiting_for_decider"] = self.dispatcher.waiting()
         stats["protocol_errors"] = self.protocol_errors
         stats["refused_clients"] = self.refused_clients
@@ -325,6 +340,27 @@ class Server:
         stats["backend"] = self.backend.name
         stats["uptime"] = round(time.monotonic() - self._started, 3)
         return stats
+
+
+_Apply = tuple[list[CapturedPacket], Verdict, bool]
+
+
+def _coalesced(applies: list[_Apply]) -> list[_Apply]:
+    """Join neighbouring applies of one kind, so that many answers go out in one backend call."""
+    if len(applies) < 2:
+        return applies
+    out: list[_Apply] = []
+    joined = False  # whether out[-1] holds a list of our own (safe to extend)
+    for packets, verdict, permanent in applies:
+        if out and out[-1][1] is verdict and out[-1][2] == permanent:
+            if not joined:
+                out[-1] = (list(out[-1][0]), verdict, permanent)
+                joined = True
+            out[-1][0].extend(packets)
+        else:
+            out.append((packets, verdict, permanent))
+            joined = False
+    return out
 
 
 class _MethodError(Exception):

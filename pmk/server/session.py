@@ -31,6 +31,7 @@ class ClientSession(asyncio.Protocol):
         self.role = "observer"
         self.closed = False
         self._flush_scheduled = False
+        self._answered = False
 
     # -- asyncio callbacks ---------------------------------------------------
 
@@ -45,11 +46,22 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        try:
+            self._handle(data)
+        finally:
+            # Answers read together are applied together: one backend call, one write.
+            if self._answered:
+                self._answered = False
+                self.server.carry_out()
+        self.flush()
+
+    def _handle(self, data: bytes) -> None:
         for event in self.rpc.receive(data):
-            if isinstance(event, Request):
+            if type(event) is Response:
+                self._answered = True
+                self.server.on_response(self, event, carry_out=False)
+            elif isinstance(event, Request):
                 self.server.on_request(self, event)
-            elif isinstance(event, Response):
-                self.server.on_response(self, event)
             elif isinstance(event, Notification):
                 pass  # unknown notifications are ignored by contract
             elif isinstance(event, ProtocolViolation):
@@ -63,7 +75,6 @@ class ClientSession(asyncio.Protocol):
                 # A flood of requests from a client that does not read its answers.
                 self._cut_off()
                 return
-        self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
