@@ -71,9 +71,28 @@ def two_hosts() -> Iterator[TwoHosts]:
             run("ip", "-n", ns, "addr", "add", f"{ip6}/64", "dev", ifname, "nodad")
             run("ip", "-n", ns, "link", "set", ifname, "up")
             run("ip", "-n", ns, "link", "set", "lo", "up")
+        _pin_neighbours(hosts)
         yield hosts
     finally:
         for ns in made:
             run("ip", "netns", "del", ns, check=False)
         # A veth left in the root namespace (failure before the move) goes too.
         run("ip", "link", "del", hosts.client_if, check=False)
+
+
+def _mac(ns: str, ifname: str) -> str:
+    return run("ip", "-n", ns, "-br", "link", "show", "dev", ifname).stdout.split()[2]
+
+
+def _pin_neighbours(hosts: TwoHosts) -> None:
+    """Permanent ARP/NDP entries both ways, so that address resolution (and its
+    three-second failure on a loaded machine) never enters a packet test."""
+    client_mac = _mac(hosts.client, hosts.client_if)
+    server_mac = _mac(hosts.server, hosts.server_if)
+    for ns, ifname, peer_ips, peer_mac in (
+        (hosts.client, hosts.client_if, (hosts.server_ip, hosts.server_ip6), server_mac),
+        (hosts.server, hosts.server_if, (hosts.client_ip, hosts.client_ip6), client_mac),
+    ):
+        for ip in peer_ips:
+            run("ip", "-n", ns, "neigh", "replace", ip, "lladdr", peer_mac, "dev", ifname, "nud", "permanent")
+
