@@ -43,11 +43,7 @@ from typing import Any
 import pytest
 
 from pmk.client import Client, Decision, RemoteError
-
-try:
-    from tests.netns import TwoHosts, need_root_reason, two_hosts
-except ImportError:  # tests/ itself on sys.path (pytest's default import mode)
-    from netns import TwoHosts, need_root_reason, two_hosts  # type: ignore[no-redef]
+from tests.netns import TwoHosts, need_root_reason, two_hosts
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -457,10 +453,8 @@ def payload_digest(size: int, seed: str = "pmk") -> str:
     """The SHA-256 a successful ``Session.transfer`` of ``size`` bytes reports."""
     import hashlib
 
-    try:
-        from tests.traffic import payload
-    except ImportError:
-        from traffic import payload  # type: ignore[no-redef]
+    from tests.traffic import payload
+
     return hashlib.sha256(payload(seed, size)).hexdigest()
 
 

@@ -14,10 +14,7 @@ import sys
 
 import pytest
 
-try:
-    from tests.netns import need_root_reason
-except ImportError:  # tests/ itself on sys.path
-    from netns import need_root_reason  # type: ignore[no-redef]
+from tests.netns import need_root_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(need_root_reason() is not None, reason=str(need_root_reason()))]
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-try:
-    from tests.harness import BACKENDS, Decision, Testbed, needs_root, netns
-except ImportError:  # tests/ itself on sys.path (pytest's default import mode)
-    from harness import BACKENDS, Decision, Testbed, needs_root, netns  # type: ignore[no-redef]
+from tests.harness import BACKENDS, Decision, Testbed, needs_root, netns
 
 pytestmark = [netns, needs_root, pytest.mark.parametrize("backend", BACKENDS)]
 

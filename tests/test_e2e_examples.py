@@ -8,10 +8,7 @@ import tempfile
 
 import pytest
 
-try:
-    from tests.harness import BACKENDS, Testbed, needs_root, netns, payload_digest, run_example
-except ImportError:  # tests/ itself on sys.path (pytest's default import mode)
-    from harness import BACKENDS, Testbed, needs_root, netns, payload_digest, run_example  # type: ignore[no-redef]
+from tests.harness import BACKENDS, Testbed, needs_root, netns, payload_digest, run_example
 
 pytestmark = [netns, needs_root, pytest.mark.parametrize("backend", BACKENDS)]
 

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import re
 
-try:
-    from tests.harness import QUIET, Decision, Testbed, needs_root, netns, payload_digest, pmk_rules
-except ImportError:  # tests/ itself on sys.path (pytest's default import mode)
-    from harness import QUIET, Decision, Testbed, needs_root, netns, payload_digest, pmk_rules  # type: ignore[no-redef]
+from tests.harness import QUIET, Decision, Testbed, needs_root, netns, payload_digest, pmk_rules
 
 pytestmark = [netns, needs_root]
 

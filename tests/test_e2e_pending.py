@@ -11,32 +11,18 @@ import ipaddress
 
 import pytest
 
-try:
-    from tests.harness import (
-        BACKENDS,
-        HOLD,
-        NEVER,
-        QUIET,
-        Decision,
-        RemoteError,
-        Testbed,
-        eventually,
-        needs_root,
-        netns,
-    )
-except ImportError:  # tests/ itself on sys.path (pytest's default import mode)
-    from harness import (  # type: ignore[no-redef]
-        BACKENDS,
-        HOLD,
-        NEVER,
-        QUIET,
-        Decision,
-        RemoteError,
-        Testbed,
-        eventually,
-        needs_root,
-        netns,
-    )
+from tests.harness import (
+    BACKENDS,
+    HOLD,
+    NEVER,
+    QUIET,
+    Decision,
+    RemoteError,
+    Testbed,
+    eventually,
+    needs_root,
+    netns,
+)
 
 pytestmark = [netns, needs_root, pytest.mark.parametrize("backend", BACKENDS)]
 

@@ -12,10 +12,7 @@ from typing import Any
 
 import pytest
 
-try:
-    from tests.harness import BACKENDS, QUIET, Decision, Testbed, needs_root, netns, payload_digest
-except ImportError:  # tests/ itself on sys.path (pytest's default import mode)
-    from harness import BACKENDS, QUIET, Decision, Testbed, needs_root, netns, payload_digest  # type: ignore[no-redef]
+from tests.harness import BACKENDS, QUIET, Decision, Testbed, needs_root, netns, payload_digest
 
 pytestmark = [netns, needs_root, pytest.mark.parametrize("backend", BACKENDS)]
 

@@ -21,13 +21,9 @@ from typing import Any
 
 import msgpack
 
-try:
-    from tests.harness import ScriptedDecider, Testbed, eventually, needs_root, netns
-except ImportError:  # tests/ itself on sys.path
-    from harness import ScriptedDecider, Testbed, eventually, needs_root, netns  # type: ignore[no-redef]
-
 from pmk.client import Decision
 from pmk.rpc.codec import MAX_FRAME_BYTES
+from tests.harness import ScriptedDecider, Testbed, eventually, needs_root, netns
 
 PORT = 7211
 READ_QUIET = 0.5

@@ -18,21 +18,8 @@ import msgpack
 import psutil
 import pytest
 
-try:
-    from tests.harness import BACKENDS, NEVER, Decision, Testbed, check_identity, eventually, needs_root, netns
-    from tests.test_hardening_input import RawPeer
-except ImportError:  # tests/ itself on sys.path
-    from harness import (  # type: ignore[no-redef]
-        BACKENDS,
-        NEVER,
-        Decision,
-        Testbed,
-        check_identity,
-        eventually,
-        needs_root,
-        netns,
-    )
-    from test_hardening_input import RawPeer  # type: ignore[no-redef]
+from tests.harness import BACKENDS, NEVER, Decision, Testbed, check_identity, eventually, needs_root, netns
+from tests.test_hardening_input import RawPeer
 
 pytestmark = [netns, needs_root]
 MIB = 1024 * 1024

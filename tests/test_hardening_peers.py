@@ -31,12 +31,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-try:
-    from tests.harness import WAIT, PmkProcess, Testbed, eventually, needs_root, netns
-except ImportError:  # tests/ itself on sys.path
-    from harness import WAIT, PmkProcess, Testbed, eventually, needs_root, netns  # type: ignore[no-redef]
-
 from pmk.client import Decision
+from tests.harness import WAIT, PmkProcess, Testbed, eventually, needs_root, netns
 
 NOBODY = 65534
 PORT = 7201

@@ -19,36 +19,20 @@ import sys
 
 import pytest
 
-try:
-    from tests.harness import (
-        BACKENDS,
-        HOLD,
-        QUIET,
-        WAIT,
-        Decision,
-        PmkProcess,
-        Testbed,
-        eventually,
-        needs_root,
-        netns,
-        pmk_rules,
-    )
-except ImportError:  # tests/ itself on sys.path
-    from harness import (  # type: ignore[no-redef]
-        BACKENDS,
-        HOLD,
-        QUIET,
-        WAIT,
-        Decision,
-        PmkProcess,
-        Testbed,
-        eventually,
-        needs_root,
-        netns,
-        pmk_rules,
-    )
-
 import pmk.client
+from tests.harness import (
+    BACKENDS,
+    HOLD,
+    QUIET,
+    WAIT,
+    Decision,
+    PmkProcess,
+    Testbed,
+    eventually,
+    needs_root,
+    netns,
+    pmk_rules,
+)
 from tests.netns import TwoHosts
 
 pytestmark = [netns, needs_root]

@@ -28,10 +28,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from tests.netns import TwoHosts, need_root_reason, two_hosts
-except ImportError:  # tests/ itself on sys.path (pytest's default import mode)
-    from netns import TwoHosts, need_root_reason, two_hosts  # type: ignore[no-redef]
+from tests.netns import TwoHosts, need_root_reason, two_hosts
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

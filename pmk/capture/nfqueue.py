@@ -315,9 +315,7 @@ class NfqueueBackend(CaptureBackend):
             syn_only = offset >= 0 and len(raw) > offset + 13 and (raw[offset + 13] & 0x12) == 0x02
             if not (syn_only and code == rules.MarkCode.DROP):
                 return  # later TCP packets have a confirmed entry; a blocked SYN got its reset
-        self._pool.submit(
-            self._create_flow, flow.protocol, flow.src, flow.dst, flow.src_port, flow.dst_port, code
-        )
+        self._pool.submit(self._create_flow, flow.protocol, flow.src, flow.dst, flow.src_port, flow.dst_port, code)
 
     def _create_flow(self, *args: Any) -> None:
         try:

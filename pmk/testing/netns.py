@@ -95,4 +95,3 @@ def _pin_neighbours(hosts: TwoHosts) -> None:
     ):
         for ip in peer_ips:
             run("ip", "-n", ns, "neigh", "replace", ip, "lladdr", peer_mac, "dev", ifname, "nud", "permanent")
-
