@@ -66,7 +66,7 @@ class ServeConfig:
     queue_maxlen: int = 1024
     #: divert: packets per recv_ex/send_ex call (1..255).
     divert_batch: int = DEFAULT_DIVERT_BATCH
-    #: divert: recv_ex calls per wake-up of the event loop.
+    #: divert: receives with anything but cache hits per wake-up of the event loop.
     divert_batches_per_wakeup: int = 1
     #: divert (eBPFDivert): ring buffer bytes; 0 keeps the library's default (8 MiB).
     divert_ring_bytes: int = DEFAULT_RING_BYTES

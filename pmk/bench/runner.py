@@ -29,9 +29,10 @@ PY = sys.executable
 PORT = 5201
 SPORT = 41000
 MTU = 1500
-#: Memory per verdict cache entry (ConnKey, two address bytes, entry, dict slot), measured
-#: with tracemalloc; under overload the growth of RSS is mostly these (see benchmarks/README.md).
-VERDICT_ENTRY_BYTES = 340
+#: RSS per verdict cache entry (ConnKey, two address bytes, entry, dict slot): tracemalloc
+#: counts 340 B, RSS grew ~420 B per entry (overload with and without --verdict-cache 1024).
+#: Under overload the growth of RSS is mostly these (see benchmarks/README.md).
+VERDICT_ENTRY_BYTES = 420
 #: Offered new connections per second for row D, tried in turn.
 D_RATES = (5_000, 10_000, 12_000, 14_000, 17_000, 20_000, 25_000, 30_000)
 

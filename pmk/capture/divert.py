@@ -5,6 +5,12 @@ for batches: on Linux one ``recv_ex`` call drains up to ``batch`` packets,
 the sink settles them, and accepted packets go back with one ``send_ex``.
 Packets are re-injected byte for byte; nothing is re-parsed or re-checksummed.
 
+A batch whose every packet belongs to a connection cached as accepted (the
+server's ``cache_probe`` says so from 12 header bytes per packet) goes back
+from the receive buffer without any per-packet object, and the next receive
+takes a full 255; after a batch with anything else the next one is ``batch``
+(small, so that decider answers are read in between under a flood).
+
 The Windows path uses only pydivert's public API in a reader thread; it is
 written to WinDivert's documented behaviour and is untested (no Windows here).
 """
@@ -38,9 +44,12 @@ _FLAGS_BYTE = 10
 _OUTBOUND_BIT = 0x02
 # WinDivert's batch limit; eBPFDivert accepts the same.
 MAX_BATCH = 255
-# Batches handled per wake-up before yielding to the event loop, so that a
-# flood of packets cannot starve client sockets (get_stats stays responsive).
+# Batches with anything but cache hits handled per wake-up before yielding to
+# the event loop, so that a flood of new connections cannot starve decider
+# sockets (their answers, and get_stats, are read in between).
 BATCHES_PER_WAKEUP = 1
+# Batches that were all cache hits need no decider: drain up to this many per wake-up.
+CACHED_BATCHES_PER_WAKEUP = 8
 # Big enough for MAX_BATCH full-size packets (64 KiB GSO aggregates included).
 _RECV_BUFFER_BYTES = MAX_BATCH * 65_575
 # IfIdx and SubIfIdx in an address record.
@@ -105,6 +114,8 @@ class DivertBackend(CaptureBackend):
         self.rejects_sent = 0
         #: Set by the server: true (and counted) when every run of a batch is an accepted connection.
         self.cache_probe: CacheProbe | None = None
+        self.cached_batches = 0
+        self.other_batches = 0
 
     def start(self, loop: asyncio.AbstractEventLoop, sink: PacketSink) -> None:
         self._loop, self._sink = loop, sink
@@ -122,7 +133,8 @@ class DivertBackend(CaptureBackend):
     def _drain(self) -> None:
         linux, sink = self._linux, self._sink
         assert linux is not None and sink is not None
-        for _ in range(self.batches_per_wakeup):
+        others = 0
+        for _ in range(CACHED_BATCHES_PER_WAKEUP):
             want = linux.batch
             count = linux.receive_batch()
             if not count:
@@ -130,13 +142,18 @@ class DivertBackend(CaptureBackend):
             probe = self.cache_probe
             runs = linux.cached_runs() if probe is not None else None
             if runs is not None and probe(runs):  # type: ignore[misc]
+                self.cached_batches += 1
                 self.send_errors += linux.send_received()
                 # Cached traffic: full batches halve the cost per packet of recv_ex/send_ex.
                 linux.batch = MAX_BATCH
             else:
+                self.other_batches += 1
                 sink(linux.packets())
                 # New connections: small batches let decider answers in between.
                 linux.batch = self.batch
+                others += 1
+                if others >= self.batches_per_wakeup:
+                    return
             if count < want:
                 return
 
@@ -174,7 +191,12 @@ class DivertBackend(CaptureBackend):
                 log.debug("re-injection failed: %s", error)
 
     def stats(self) -> dict[str, int]:
-        stats: dict[str, int] = {"send_errors": self.send_errors, "rejects_sent": self.rejects_sent}
+        stats: dict[str, int] = {
+            "send_errors": self.send_errors,
+            "rejects_sent": self.rejects_sent,
+            "cached_batches": self.cached_batches,
+            "other_batches": self.other_batches,
+        }
         try:
             native = self._divert.stats() if self._divert.is_open else {}
         except (OSError, RuntimeError):
