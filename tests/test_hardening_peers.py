@@ -89,6 +89,8 @@ async def run_as(uid: int, gid: int, path: str, seconds: float = 3.0) -> dict[st
         str(seconds),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # Run as a script, this file still imports its helpers as tests.<module>.
+        env={**os.environ, "PYTHONPATH": str(HERE.parent.parent)},
     )
     out, err = await asyncio.wait_for(proc.communicate(), WAIT)
     assert proc.returncode == 0, err.decode()
