@@ -156,6 +156,7 @@ STATS = {
     "clients": 2,
     "in_flight": 5,
     "waiting_for_decider": 0,
+    "withdrawn_in_flight": 0,
     "protocol_errors": 0,
     "refused_clients": 0,
     "slow_clients": 0,

@@ -83,3 +83,19 @@ def test_asks_beyond_a_deciders_room_are_parked_oldest_first() -> None:
     assert dispatcher.expired_waiting(now=1.2) == []
     assert dispatcher.expired_waiting(now=1.3) == [103]
     assert dispatcher.waiting() == 0
+
+
+def test_a_withdrawn_request_keeps_its_slot_until_answered_or_expired() -> None:
+    dispatcher = Dispatcher(timeout=1.0, max_in_flight=1)
+    dispatcher.add_decider(1)
+    dispatcher.assign(100, 1, msgid=7, now=0.0)
+    assert dispatcher.withdraw(100) is not None
+    assert dispatcher.owner(100) is None and dispatcher.in_flight() == 0
+    assert not dispatcher.has_room(1)  # the decider is still busy with it
+    assert dispatcher.settle_withdrawn(1, 7) and dispatcher.has_room(1)
+    assert not dispatcher.settle_withdrawn(1, 7)
+    dispatcher.assign(101, 1, msgid=8, now=0.5)
+    dispatcher.withdraw(101)
+    due = dispatcher.expired(now=1.6)
+    assert [(pid, a.msgid) for pid, a in due] == [(None, 8)]
+    assert dispatcher.has_room(1) and dispatcher.withdrawn_in_flight() == 0

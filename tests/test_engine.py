@@ -204,3 +204,26 @@ def test_caches_refuse_a_size_below_one(size: int) -> None:
         Engine(packet_cache_size=size)
     with pytest.raises(ValueError):
         Engine(verdict_cache_size=size)
+
+
+def test_whole_batch_fast_path_counts_only_when_every_run_is_accepted() -> None:
+    engine = Engine()
+    engine.on_packets([conn(1000), conn(2000)], now=0.0)
+    accepted_key, blocked_key = (tuple(engine.held.get(i).key) for i in (1, 2))  # type: ignore[union-attr]
+    engine.on_verdict(1, Verdict.ACCEPT, permanent=True)
+    engine.on_verdict(2, Verdict.BLOCK, permanent=True)
+    engine.outbox.take()
+    before = engine.counters.as_dict()
+    # A run of a blocked connection spoils the batch: nothing is counted.
+    assert not engine.accept_cached([(accepted_key, 3, 300), (blocked_key, 1, 100)])  # type: ignore[list-item]
+    assert engine.counters.as_dict() == before
+    assert engine.accept_cached([(accepted_key, 3, 300)])  # type: ignore[list-item]
+    c = engine.counters
+    assert (c.captured, c.cache_hits, c.accepted) == (
+        before["captured"] + 3,
+        before["cache_hits"] + 3,
+        before["accepted"] + 3,
+    )
+    entry = engine.verdicts.get(accepted_key)  # type: ignore[arg-type]
+    assert entry is not None and (entry.packets, entry.bytes) == (3, 300)
+    assert_identity(engine)

@@ -45,6 +45,8 @@ class Dispatcher:
         self._deadlines: deque[tuple[float, int, int, int]] = deque()
         #: packet id -> deadline, for asks no decider has room for yet.
         self._waiting: OrderedDict[int, float] = OrderedDict()
+        #: (session, msgid) of withdrawn requests the decider may still be working on.
+        self._withdrawn: dict[tuple[int, int], Assignment] = {}
 
     @property
     def deciders(self) -> int:
@@ -59,6 +61,8 @@ class Dispatcher:
         orphans = [pid for pid, a in self._assignments.items() if a.session == session]
         for pid in orphans:
             del self._assignments[pid]
+        for gone in [k for k in self._withdrawn if k[0] == session]:
+            del self._withdrawn[gone]
         return orphans
 
     def pick(self) -> int | None:
@@ -105,6 +109,26 @@ class Dispatcher:
             self._load[assignment.session] -= 1
         return assignment
 
+    def withdraw(self, packet_id: int) -> Assignment | None:
+        """The packet is gone, but its request keeps the decider's slot.
+
+        The decider is likely working on it already; its slot is freed when
+        it answers (``settle_withdrawn``) or the deadline passes. So a flood
+        of evictions never sends a decider more than it answers.
+        """
+        assignment = self._assignments.pop(packet_id, None)
+        if assignment is not None:
+            self._withdrawn[(assignment.session, assignment.msgid)] = assignment
+        return assignment
+
+    def settle_withdrawn(self, session: int, msgid: int) -> bool:
+        """A withdrawn request was answered after all: free its slot."""
+        if self._withdrawn.pop((session, msgid), None) is None:
+            return False
+        if session in self._load:
+            self._load[session] -= 1
+        return True
+
     def owner(self, packet_id: int) -> Assignment | None:
         return self._assignments.get(packet_id)
 
@@ -119,9 +143,13 @@ class Dispatcher:
             due.append(packet_id)
         return due
 
-    def expired(self, now: float) -> list[tuple[int, Assignment]]:
-        """Requests whose deadline passed; they are no longer tracked."""
-        due: list[tuple[int, Assignment]] = []
+    def expired(self, now: float) -> list[tuple[int | None, Assignment]]:
+        """Requests whose deadline passed; they are no longer tracked.
+
+        A withdrawn request comes back with packet id None: its packet is
+        gone, only its msgid needs forgetting.
+        """
+        due: list[tuple[int | None, Assignment]] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, packet_id, session, msgid = self._deadlines.popleft()
             assignment = self._assignments.get(packet_id)
@@ -129,6 +157,10 @@ class Dispatcher:
             if assignment is not None and (assignment.session, assignment.msgid) == (session, msgid):
                 self.complete(packet_id)
                 due.append((packet_id, assignment))
+            elif (session, msgid) in self._withdrawn:
+                withdrawn = self._withdrawn[(session, msgid)]
+                self.settle_withdrawn(session, msgid)
+                due.append((None, withdrawn))
         return due
 
     def next_deadline(self) -> float | None:
@@ -140,4 +172,9 @@ class Dispatcher:
         return min(candidates) if candidates else None
 
     def in_flight(self) -> int:
+        """Requests whose answer is still wanted."""
         return len(self._assignments)
+
+    def withdrawn_in_flight(self) -> int:
+        """Withdrawn requests still holding a decider's slot."""
+        return len(self._withdrawn)

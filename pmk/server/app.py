@@ -137,11 +137,12 @@ class Server:
         """The packet is gone: cancel its parked ask or tell its decider."""
         if self.dispatcher.unpark(packet_id):
             return
-        assignment = self.dispatcher.complete(packet_id)
+        # The request stays outstanding (and keeps its decider's slot) until it
+        # is answered or times out; the answer is then dropped as late.
+        assignment = self.dispatcher.withdraw(packet_id)
         if assignment is not None:
             session = self.sessions.get(assignment.session)
             if session is not None:
-                session.rpc.forget(assignment.msgid)
                 session.rpc.send_notification("withdrawn", [packet_id])
                 session.schedule_flush()
 
@@ -195,6 +196,8 @@ class Server:
             session = self.sessions.get(assignment.session)
             if session is not None:
                 session.rpc.forget(assignment.msgid)
+            if packet_id is None:
+                continue  # a withdrawn request that was never answered: its slot is free again
             self.engine.counters.timeouts += 1
             self.default_reasons["timeout"] += 1
             self.engine.on_default(packet_id)
@@ -205,6 +208,11 @@ class Server:
     def on_response(self, session: ClientSession, response: Response, *, carry_out: bool = True) -> None:
         """Apply a decider's answer; ``carry_out=False`` leaves the work for one ``carry_out()`` per read."""
         packet_id = session.rpc.take_context(response)
+        if self.dispatcher.settle_withdrawn(session.id, response.msgid):
+            self.engine.counters.late_verdicts += 1
+            if carry_out:
+                self._carry_out()  # the freed slot may take a parked ask
+            return
         assignment = self.dispatcher.owner(packet_id)
         if assignment is None or assignment.session != session.id or assignment.msgid != response.msgid:
             self.engine.counters.late_verdicts += 1
@@ -332,6 +340,7 @@ class Server:
             session.rpc.late_responses for session in self.sessions.values()
         )
         stats["waiting_for_decider"] = self.dispatcher.waiting()
+        stats["withdrawn_in_flight"] = self.dispatcher.withdrawn_in_flight()
         stats["protocol_errors"] = self.protocol_errors
         stats["refused_clients"] = self.refused_clients
         stats["slow_clients"] = self.counters_slow_clients
