@@ -535,6 +535,11 @@ def test_rules_fail_closed_unless_asked() -> None:
     assert "--queue-bypass" in build_restore(3, parse_match("tcp"), v6=True, fail_open=True)
     # Neighbour discovery is never queued.
     assert "--icmpv6-type 135 -j RETURN" in build_restore(3, parse_match("all"), v6=True)
+    # Loopback is never queued, and that is decided before any scope rule.
+    lines = closed.splitlines()
+    first_scope_rule = lines.index("-A PMK-IN -p tcp -m multiport --ports 1:20 -j PMK-DECIDE")
+    assert lines.index("-A PMK-IN -i lo -j RETURN") < first_scope_rule
+    assert "-A PMK-OUT -o lo -j RETURN" in lines
 
 
 def test_mark_value_stays_in_mask() -> None:

@@ -164,6 +164,10 @@ def build_restore(
     lines = [
         "*filter",
         *(f":{c} - [0:0]" for c in CHAINS),
+        # Loopback is never intercepted, as with divert's default filter: local
+        # services and pmk's own clients work whatever the decider says.
+        "-A PMK-IN -i lo -j RETURN",
+        "-A PMK-OUT -o lo -j RETURN",
         *_scope_rules("PMK-IN", match, v6),
         *_scope_rules("PMK-OUT", match, v6),
         "-A PMK-REJECT -p tcp -j REJECT --reject-with tcp-reset",
