@@ -99,3 +99,19 @@ def test_a_withdrawn_request_keeps_its_slot_until_answered_or_expired() -> None:
     due = dispatcher.expired(now=1.6)
     assert [(pid, a.msgid) for pid, a in due] == [(None, 8)]
     assert dispatcher.has_room(1) and dispatcher.withdrawn_in_flight() == 0
+
+
+def test_youngest_parked_ask_can_go_first_and_deadlines_still_expire_in_order() -> None:
+    dispatcher = Dispatcher(timeout=1.0, max_in_flight=3)
+    dispatcher.add_decider(1)
+    for packet_id, now in ((101, 0.1), (102, 0.2), (103, 0.3)):
+        dispatcher.wait(packet_id, now)
+    young = dispatcher.next_waiting(newest=True)
+    old = dispatcher.next_waiting()
+    assert young == (103, 1.3) and old == (101, 1.1)
+    # Sent youngest first, they must still expire by their own deadlines.
+    dispatcher.assign(103, 1, msgid=0, now=0.4, deadline=young[1])
+    dispatcher.assign(101, 1, msgid=1, now=0.5, deadline=old[1])
+    assert [pid for pid, _ in dispatcher.expired(now=1.2)] == [101]
+    assert [pid for pid, _ in dispatcher.expired(now=1.3)] == [103]
+    assert dispatcher.expired_waiting(now=1.2) == [102]

@@ -1,19 +1,21 @@
 """Which decider is asked about which packet, and until when.
 
 Pure bookkeeping: sessions are plain ids here. Every request gets the same
-timeout, so deadlines arrive in order and a deque is enough to find the
-expired ones.
+timeout; a heap of deadlines finds the expired ones.
 
 A decider has at most ``max_in_flight`` requests out. Asks beyond that wait
-here, oldest first, and go out as answers come back: under a flood the
-decider works on packets that are still held instead of on a backlog the
-packet cache has long evicted. A waiting ask keeps the deadline it would
-have had, so the default verdict still comes on time.
+here and go out as answers come back, oldest first; when the packet cache
+is nearly full the shell takes the youngest instead, since the oldest will
+be evicted before an answer could help them. Either way a decider works on
+packets that are still held instead of on a backlog the packet cache has
+long evicted. A waiting ask keeps the deadline it would have had, so the
+default verdict still comes on time.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import heapq
+from collections import OrderedDict
 from dataclasses import dataclass
 
 # Enough pipelining to keep one decider busy (a round trip on a Unix socket
@@ -42,7 +44,8 @@ class Dispatcher:
         self.max_in_flight = max_in_flight
         self._load: dict[int, int] = {}
         self._assignments: dict[int, Assignment] = {}
-        self._deadlines: deque[tuple[float, int, int, int]] = deque()
+        # A heap: parked asks keep their earlier deadline, so requests are not sent in deadline order.
+        self._deadlines: list[tuple[float, int, int, int]] = []
         #: packet id -> deadline, for asks no decider has room for yet.
         self._waiting: OrderedDict[int, float] = OrderedDict()
         #: (session, msgid) of withdrawn requests the decider may still be working on.
@@ -81,11 +84,11 @@ class Dispatcher:
         """Park an ask until a decider has room; it expires like a sent request."""
         self._waiting.setdefault(packet_id, now + self.timeout)
 
-    def next_waiting(self) -> tuple[int, float] | None:
-        """Take the oldest parked ask and its deadline, if any."""
+    def next_waiting(self, newest: bool = False) -> tuple[int, float] | None:
+        """Take the oldest (or, with ``newest``, the youngest) parked ask and its deadline."""
         if not self._waiting:
             return None
-        return self._waiting.popitem(last=False)
+        return self._waiting.popitem(last=newest)
 
     def unpark(self, packet_id: int) -> bool:
         """Forget a parked ask (its packet was settled or evicted)."""
@@ -100,7 +103,7 @@ class Dispatcher:
             deadline = now + self.timeout
         self._assignments[packet_id] = Assignment(session, msgid, deadline)
         self._load[session] += 1
-        self._deadlines.append((deadline, packet_id, session, msgid))
+        heapq.heappush(self._deadlines, (deadline, packet_id, session, msgid))
 
     def complete(self, packet_id: int) -> Assignment | None:
         """The request for ``packet_id`` is answered or withdrawn: stop tracking it."""
@@ -151,7 +154,7 @@ class Dispatcher:
         """
         due: list[tuple[int | None, Assignment]] = []
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, packet_id, session, msgid = self._deadlines.popleft()
+            _, packet_id, session, msgid = heapq.heappop(self._deadlines)
             assignment = self._assignments.get(packet_id)
             # A stale deadline belongs to a request already answered or re-sent.
             if assignment is not None and (assignment.session, assignment.msgid) == (session, msgid):

@@ -167,12 +167,13 @@ class Server:
 
     def _pump_waiting(self, now: float) -> None:
         """Send parked asks while a decider has room (or default them if none is left)."""
-        dispatcher = self.dispatcher
+        dispatcher, held = self.dispatcher, self.engine.held
         while dispatcher.waiting():
             target = dispatcher.pick()
             if target is not None and not dispatcher.has_room(target):
                 return
-            parked = dispatcher.next_waiting()
+            # Under pressure the oldest packets are the next to be evicted: ask about the youngest.
+            parked = dispatcher.next_waiting(newest=len(held) * 4 >= held.capacity * 3)
             assert parked is not None
             self._send_decide(parked[0], now, deadline=parked[1])
 
