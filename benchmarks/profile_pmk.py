@@ -6,7 +6,7 @@
 ``new`` sends a new connection per packet at ``--rate`` (row D). Prints the
 functions with the most samples, own time and including callees, for pmk
 and (case ``new``) for the bench decider, which runs on ``pmk.client``. Needs
-py-spy in the venv (``pip install py-spy``).
+py-spy in the venv (``.venv/bin/pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
