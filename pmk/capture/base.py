@@ -43,6 +43,13 @@ class CapturedPacket:
 # never per packet, so the event loop is not entered once per packet.
 PacketSink = Callable[[list[CapturedPacket]], None]
 
+# A run of consecutive packets of one IPv4 connection: (key tuple as a
+# ConnKey's fields, packet count, byte count).
+CacheRun = tuple[tuple[int, bytes, int, bytes, int], int, int]
+# Given a batch as runs, True (and counted) when every run's connection is
+# cached as accepted: the backend may then re-inject the batch untouched.
+CacheProbe = Callable[[list[CacheRun]], bool]
+
 
 class CaptureBackend(abc.ABC):
     """A packet source with the means to accept, block or drop what it gave."""
@@ -52,6 +59,10 @@ class CaptureBackend(abc.ABC):
     #: True when permanent verdicts are enforced in the kernel, so later
     #: packets of a decided connection never reach pmk.
     kernel_verdict_cache: bool = False
+    #: Set by the server before ``start``: a backend that sees every packet may
+    #: use it to settle whole batches of cached connections without building
+    #: per-packet objects. Backends that do not need it ignore it.
+    cache_probe: CacheProbe | None = None
 
     @abc.abstractmethod
     def start(self, loop: asyncio.AbstractEventLoop, sink: PacketSink) -> None:

@@ -25,11 +25,11 @@ import logging
 import operator
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pydivert
 
-from pmk.capture.base import CaptureBackend, CapturedPacket, PacketSink
+from pmk.capture.base import CacheRun, CaptureBackend, CapturedPacket, PacketSink
 from pmk.config import DEFAULT_DIVERT_BATCH, DEFAULT_RING_BYTES
 from pmk.packet.parse import parse_flow
 from pmk.packet.reject import reject_packet
@@ -54,9 +54,6 @@ CACHED_BATCHES_PER_WAKEUP = 8
 _RECV_BUFFER_BYTES = MAX_BATCH * 65_575
 # IfIdx and SubIfIdx in an address record.
 _INTERFACES = struct.Struct("<II")
-#: (IPv4 key tuple, packets, bytes) per run of one connection's packets; see Engine.accept_cached.
-CacheRun = tuple[tuple[int, bytes, int, bytes, int], int, int]
-CacheProbe = Callable[[list[CacheRun]], bool]
 
 
 # eBPFDivert keeps the packet's Ethernet header in the record (bytes 36..49:
@@ -113,7 +110,6 @@ class DivertBackend(CaptureBackend):
         self.send_errors = 0
         self.rejects_sent = 0
         #: Set by the server: true (and counted) when every run of a batch is an accepted connection.
-        self.cache_probe: CacheProbe | None = None
         self.cached_batches = 0
         self.other_batches = 0
 

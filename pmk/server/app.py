@@ -68,8 +68,7 @@ class Server:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._listener = await endpoint.listen(self.config, self._new_session)
-        if hasattr(self.backend, "cache_probe"):
-            self.backend.cache_probe = self.engine.accept_cached  # batches of cached connections skip the engine
+        self.backend.cache_probe = self.engine.accept_cached
         self.backend.start(self._loop, self._on_packets)
         self.bypass_watch.start(self._loop)
         log.info("pmk %s serving on %s with the %s backend", pmk.__version__, self.config.endpoint, self.backend.name)
