@@ -227,3 +227,19 @@ def test_whole_batch_fast_path_counts_only_when_every_run_is_accepted() -> None:
     entry = engine.verdicts.get(accepted_key)  # type: ignore[arg-type]
     assert entry is not None and (entry.packets, entry.bytes) == (3, 300)
     assert_identity(engine)
+
+
+def test_per_connection_counters_survive_an_interleaved_miss() -> None:
+    engine = Engine()
+    engine.on_packets([conn(1000), conn(2000)], now=0.0)
+    first, second = (engine.held.get(i).key for i in (1, 2))  # type: ignore[union-attr]
+    engine.on_verdict(1, Verdict.ACCEPT, permanent=True)
+    engine.on_verdict(2, Verdict.ACCEPT, permanent=True)
+    engine.outbox.take()
+    hits_before = engine.counters.cache_hits
+    # Two hits of one connection, an IPv6 packet of a new one, a hit of another.
+    engine.on_packets([conn(1000), conn(1000), inbound(udp("fd00::1", "fd00::2", 5, 53)), conn(2000)], now=1.0)
+    assert engine.verdicts.get(first).packets == 2  # type: ignore[union-attr]
+    assert engine.verdicts.get(second).packets == 1  # type: ignore[union-attr]
+    assert engine.counters.cache_hits == hits_before + 3 and engine.counters.cache_misses == 3
+    assert_identity(engine)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pmk.capture.base import CapturedPacket
+from pmk.capture.base import CacheRun, CapturedPacket
 from pmk.core.packet_cache import HeldPacket, PacketCache
 from pmk.core.stats import Counters
 from pmk.core.verdict_cache import VerdictCache
@@ -85,7 +85,8 @@ class Engine:
         for packet in packets:
             captured += 1
             raw = packet.raw
-            if len(raw) >= 24 and raw[0] == 0x45 and (raw[9] == 6 or raw[9] == 17) and not (raw[6] & 0x1F or raw[7]):
+            fast = len(raw) >= 24 and raw[0] == 0x45 and (raw[9] == 6 or raw[9] == 17) and not (raw[6] & 0x1F or raw[7])
+            if fast:
                 if packet.outbound:
                     key = (raw[9], raw[12:16], raw[20] << 8 | raw[21], raw[16:20], raw[22] << 8 | raw[23])
                 else:
@@ -112,7 +113,8 @@ class Engine:
                 others.setdefault(self.default_verdict, []).append(packet)
                 continue
             key = flow.key(packet.outbound)
-            hit = lookup(key)
+            # A fast-path packet got here because its key is not cached: no second lookup.
+            hit = None if fast else lookup(key)
             if hit is not None:
                 hit.packets += 1
                 hit.bytes += len(raw)
@@ -126,6 +128,11 @@ class Engine:
             self._hold(HeldPacket(self._next_id, packet, flow, key, now))
             self._next_id += 1
             # A verdict for this key may now be cached; the next packet looks it up anew.
+            if entry is not None:
+                entry.packets += hits
+                entry.bytes += hit_bytes
+                counters.cache_hits += hits
+                hits = hit_bytes = 0
             last_key = entry = None
         if entry is not None:
             entry.packets += hits
@@ -139,7 +146,7 @@ class Engine:
             self._count(verdict, len(group))
             self.outbox.applies.append((group, verdict, False))
 
-    def accept_cached(self, runs: list[tuple[tuple[int, bytes, int, bytes, int], int, int]]) -> bool:
+    def accept_cached(self, runs: list[CacheRun]) -> bool:
         """Whole-batch fast path: True, and counted, if every run's connection is cached as accepted.
 
         ``runs`` lists (IPv4 key tuple as on_packets builds it, packets, bytes)
