@@ -1,7 +1,7 @@
 """The server: capture backend, decision engine and client sessions wired together.
 
 Data flow: the backend hands a batch to ``_on_packets``; the engine settles
-cache hits and records requests; ``_carry_out`` applies verdicts through the
+cache hits and records requests; ``carry_out`` applies verdicts through the
 backend and sends ``decide`` requests to deciders. Answers come back through
 ``on_response``. Timeouts are one timer armed for the earliest deadline.
 """
@@ -78,7 +78,7 @@ class Server:
         settled = self.engine.settle_all_with_default()
         if settled:
             log.info("shutdown: %d held packets got the default verdict", settled)
-        self._carry_out()
+        self.carry_out()
         if self._timer is not None:
             self._timer.cancel()
         self.bypass_watch.stop()
@@ -112,9 +112,9 @@ class Server:
 
     def _on_packets(self, packets: list[CapturedPacket]) -> None:
         self.engine.on_packets(packets, time.monotonic())
-        self._carry_out()
+        self.carry_out()
 
-    def _carry_out(self) -> None:
+    def carry_out(self) -> None:
         """Do what the engine recorded, until asking produces no more defaults."""
         engine = self.engine
         while True:
@@ -201,17 +201,15 @@ class Server:
             self.engine.counters.timeouts += 1
             self.default_reasons["timeout"] += 1
             self.engine.on_default(packet_id)
-        self._carry_out()
+        self.carry_out()
 
     # -- client messages -----------------------------------------------------
 
-    def on_response(self, session: ClientSession, response: Response, *, carry_out: bool = True) -> None:
-        """Apply a decider's answer; ``carry_out=False`` leaves the work for one ``carry_out()`` per read."""
+    def on_response(self, session: ClientSession, response: Response) -> None:
+        """Record a decider's answer; the session calls ``carry_out()`` once per read, for all its answers."""
         packet_id = session.rpc.take_context(response)
         if self.dispatcher.settle_withdrawn(session.id, response.msgid):
-            self.engine.counters.late_verdicts += 1
-            if carry_out:
-                self._carry_out()  # the freed slot may take a parked ask
+            self.engine.counters.late_verdicts += 1  # its freed slot is used by carry_out()
             return
         assignment = self.dispatcher.owner(packet_id)
         if assignment is None or assignment.session != session.id or assignment.msgid != response.msgid:
@@ -233,12 +231,6 @@ class Server:
                 self.engine.on_default(packet_id)
             else:
                 self.engine.on_verdict(packet_id, verdict, permanent)
-        if carry_out:
-            self._carry_out()
-
-    def carry_out(self) -> None:
-        """Do the work deferred by ``on_response(..., carry_out=False)``."""
-        self._carry_out()
 
     def on_violation(self, session: ClientSession, violation: ProtocolViolation) -> None:
         self.protocol_errors += 1
@@ -258,7 +250,7 @@ class Server:
         else:
             session.rpc.send_response(request.msgid, None, result)
         if request.method == "hello":
-            self._carry_out()  # a new decider may take parked asks
+            self.carry_out()  # a new decider may take parked asks
 
     def on_session_lost(self, session: ClientSession) -> None:
         self.sessions.pop(session.id, None)
@@ -269,7 +261,7 @@ class Server:
         now = time.monotonic()
         for packet_id in orphans:
             self._send_decide(packet_id, now)
-        self._carry_out()
+        self.carry_out()
 
     # -- methods -------------------------------------------------------------
 
@@ -285,7 +277,7 @@ class Server:
             now = time.monotonic()
             for packet_id in self.dispatcher.remove_decider(session.id):
                 self._send_decide(packet_id, now)
-            self._carry_out()
+            self.carry_out()
         return {"protocol": pmk.PROTOCOL_VERSION, "version": pmk.__version__, "backend": self.backend.name}
 
     def _get_payload(self, session: ClientSession, params: list[Any]) -> bytes:
@@ -313,7 +305,7 @@ class Server:
         key, verdict = check_update_verdict(params)
         self.engine.update_verdict(key, verdict)
         self.backend.update_connection(key, verdict)
-        self._carry_out()
+        self.carry_out()
         return True
 
     _methods = {

@@ -59,7 +59,7 @@ class ClientSession(asyncio.Protocol):
         for event in self.rpc.receive(data):
             if type(event) is Response:
                 self._answered = True
-                self.server.on_response(self, event, carry_out=False)
+                self.server.on_response(self, event)
             elif isinstance(event, Request):
                 self.server.on_request(self, event)
             elif isinstance(event, Notification):
