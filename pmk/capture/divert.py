@@ -341,10 +341,6 @@ class _LinuxBatchIO:
             self._current = packets
         return packets
 
-    def receive(self) -> list[CapturedPacket]:
-        """Whatever is queued, up to one batch, as packets; empty when nothing is."""
-        return self.packets() if self.receive_batch() else []
-
     def is_current(self, packets: Sequence[CapturedPacket]) -> bool:
         """True when ``packets`` is exactly the last received batch, in order."""
         current = self._current
