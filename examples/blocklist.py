@@ -1,4 +1,4 @@
-"""A decider that blocks listed networks and ports, and accepts the rest.
+"""A decider that blocks listed networks, ports and programs, and accepts the rest.
 
 The list file has one rule a line; ``#`` starts a comment:
 
@@ -6,6 +6,7 @@ The list file has one rule a line; ``#`` starts a comment:
     fd00:bad::/32
     port 23              # any address, TCP or UDP port 23
     198.18.9.9 port 53   # that address, that port
+    program /usr/bin/curl   # every connection of that executable (its real path)
 
 Verdicts are permanent, so each connection is decided once. Run with
 ``--verdict drop`` to discard silently instead of rejecting.
@@ -19,9 +20,9 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pmk.client import Decision, run_decider
+from pmk.client_types import DecideInfo
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -30,8 +31,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class Rule:
     network: Network | None
     port: int | None
+    program: str | None = None
 
-    def matches(self, address: str, port: int) -> bool:
+    def matches(self, address: str, port: int, process: str | None = None) -> bool:
+        if self.program is not None:
+            return process == self.program
         if self.port is not None and self.port != port:
             return False
         return self.network is None or ipaddress.ip_address(address) in self.network
@@ -46,6 +50,11 @@ def parse_rules(text: str) -> list[Rule]:
             continue
         network: Network | None = None
         port: int | None = None
+        if words[0] == "program":
+            if len(words) != 2 or not words[1].startswith("/"):
+                raise ValueError(f"line {number}: expected 'program /absolute/path'")
+            rules.append(Rule(None, None, words[1]))
+            continue
         try:
             if words[0] != "port":
                 network = ipaddress.ip_network(words.pop(0), strict=False)
@@ -66,11 +75,13 @@ class BlockList:
         self.rules = rules
         self.verdict = verdict
 
-    def decide(self, info: dict[str, Any]) -> Decision:
+    def decide(self, info: DecideInfo) -> Decision:
         remote, port = info["remote_ip"], info["remote_port"]
-        local_port = info["local_port"]
+        local_port, process = info["local_port"], info.get("process")
         for rule in self.rules:
-            if rule.matches(remote, port) or (rule.network is None and rule.port == local_port):
+            if rule.matches(remote, port, process) or (
+                rule.program is None and rule.network is None and rule.port == local_port
+            ):
                 return Decision(self.verdict, permanent=True)
         return Decision("accept", permanent=True)
 

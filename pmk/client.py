@@ -18,28 +18,49 @@ import random
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pmk
+from pmk.client_types import ConnectionList, DecideInfo, HelloResult, Role
 from pmk.config import default_endpoint
 from pmk.rpc.connection import RpcConnection
 from pmk.rpc.messages import ErrorCode, Notification, ProtocolViolation, Request, Response, wire_error
+from pmk.verdicts import Verdict
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """A decider's answer: ``accept``, ``block`` or ``drop``, for the connection or one packet."""
+    """A decider's answer, for the connection (``permanent``) or one packet.
 
-    verdict: str
+    ``verdict`` is a ``Verdict`` (its wire spelling is accepted too);
+    ``to`` is the ``"ADDR:PORT"`` target of a ``redirect``.
+    """
+
+    verdict: Verdict | str
     permanent: bool = False
+    to: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.verdict, Verdict):
+            object.__setattr__(self, "verdict", Verdict.parse(self.verdict))
 
     def to_wire(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "permanent": self.permanent}
+        verdict = cast(Verdict, self.verdict)
+        wire: dict[str, Any] = {"verdict": verdict.value, "permanent": self.permanent}
+        if self.to is not None:
+            wire["to"] = self.to
+        return wire
 
 
-DecideHandler = Callable[[dict[str, Any]], "Decision | Awaitable[Decision]"]
+DecideHandler = Callable[[DecideInfo], "Decision | Awaitable[Decision] | None"]
+#: Called with a notification's method and its first param: ``connection_new``
+#: (a ``ConnectionNew``), ``connection_end`` (a ``ConnectionEnd``) or
+#: ``bandwidth`` (a list of ``BandwidthEntry``).
+EventHandler = Callable[[str, Any], None]
+#: The notifications an observer receives (SPEC 8).
+EVENTS = ("connection_new", "connection_end", "bandwidth")
 
 
 class RemoteError(Exception):
@@ -94,9 +115,23 @@ class Client:
             await loop.create_unix_connection(lambda: _ClientProtocol(client), address)
         return client
 
-    async def hello(self, name: str, role: str = "observer") -> dict[str, Any]:
-        """Introduce this client; ``role="decider"`` starts the flow of ``decide`` requests."""
-        return await self.call("hello", {"protocol": pmk.PROTOCOL_VERSION, "name": name, "role": role})
+    async def hello(self, name: str, role: Role = "observer", *, payload: bool = False) -> HelloResult:
+        """Introduce this client; ``role="decider"`` starts the flow of ``decide`` requests.
+
+        ``payload=True`` asks for each held packet's bytes inline in ``decide``.
+        """
+        hello: dict[str, Any] = {"protocol": pmk.PROTOCOL_VERSION, "name": name, "role": role}
+        if payload:
+            hello["payload"] = True
+        return cast(HelloResult, await self.call("hello", hello))
+
+    async def list_connections(self, offset: int = 0, limit: int = 1000) -> ConnectionList:
+        """One page of the connections with a cached verdict (SPEC 4)."""
+        return cast(ConnectionList, await self.call("list_connections", {"offset": offset, "limit": limit}))
+
+    async def subscribe_bandwidth(self, seconds: float) -> None:
+        """Receive ``bandwidth`` every ``seconds`` (0 stops it)."""
+        await self.call("subscribe", "bandwidth", seconds)
 
     async def call(self, method: str, *params: Any) -> Any:
         """Call a server method and return its result; raise RemoteError on an error answer."""
@@ -196,14 +231,51 @@ async def run_decider(
     path: str | None = None,
     reconnect: bool = True,
     max_backoff: float = 10.0,
+    payload: bool = False,
 ) -> None:
     """Serve ``decide`` for ever: connect, say hello as a decider, reconnect with backoff."""
+    await _run(name, "decider", path, reconnect, max_backoff, decide=decide, payload=payload)
+
+
+async def run_observer(
+    on_event: EventHandler,
+    *,
+    name: str,
+    path: str | None = None,
+    bandwidth: float | None = None,
+    reconnect: bool = True,
+    max_backoff: float = 10.0,
+) -> None:
+    """Follow pmk's event stream for ever (``EVENTS``), reconnecting with backoff.
+
+    ``bandwidth`` subscribes to ``bandwidth`` notifications at that interval.
+    """
+    await _run(name, "observer", path, reconnect, max_backoff, on_event=on_event, bandwidth=bandwidth)
+
+
+async def _run(
+    name: str,
+    role: Role,
+    path: str | None,
+    reconnect: bool,
+    max_backoff: float,
+    *,
+    decide: DecideHandler | None = None,
+    payload: bool = False,
+    on_event: EventHandler | None = None,
+    bandwidth: float | None = None,
+) -> None:
+    """Connect, say hello in ``role``, serve until pmk closes; again with backoff if ``reconnect``."""
     delay = 0.1
     while True:
         try:
             client = await Client.connect(path, decide)
-            await client.hello(name, "decider")
-            log.info("connected to pmk as decider %r", name)
+            if on_event is not None:
+                client.on_notification = _event_forwarder(on_event)
+            await client.hello(name, role, payload=payload)
+            if bandwidth is not None:
+                await client.subscribe_bandwidth(bandwidth)
+            log.info("connected to pmk as %s %r", role, name)
             delay = 0.1
             await client.wait_closed()
             log.warning("pmk closed the connection")
@@ -213,3 +285,11 @@ async def run_decider(
             return
         await asyncio.sleep(delay * (0.5 + random.random()))
         delay = min(max_backoff, delay * 2)
+
+
+def _event_forwarder(on_event: EventHandler) -> Callable[[Notification], None]:
+    def forward(notification: Notification) -> None:
+        if notification.method in EVENTS and notification.params:
+            on_event(notification.method, notification.params[0])
+
+    return forward

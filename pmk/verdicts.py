@@ -8,8 +8,8 @@ import socket
 from typing import NamedTuple
 
 
-class Verdict(enum.Enum):
-    """What happens to a packet; the value is the wire spelling."""
+class Verdict(enum.StrEnum):
+    """What happens to a packet; the value (and the str) is the wire spelling."""
 
     ACCEPT = "accept"
     BLOCK = "block"

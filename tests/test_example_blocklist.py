@@ -46,3 +46,16 @@ def test_bad_lines_are_named() -> None:
         blocklist.parse_rules("198.18.0.0/16\nnot-an-address\n")
     with pytest.raises(ValueError, match="line 1"):
         blocklist.parse_rules("port 70000")
+
+
+def test_program_rules_match_the_executable_path() -> None:
+    rules = blocklist.parse_rules("program /usr/bin/curl  # the whole program\n")
+    decider = blocklist.BlockList(rules)
+    curl = {**info("198.18.1.1", 443), "process": "/usr/bin/curl"}
+    wget = {**info("198.18.1.1", 443), "process": "/usr/bin/wget"}
+    unknown = {**info("198.18.1.1", 443), "process": None}
+    assert decider.decide(curl).verdict == "block"
+    assert decider.decide(wget).verdict == "accept"
+    assert decider.decide(unknown).verdict == "accept"
+    with pytest.raises(ValueError, match="line 1"):
+        blocklist.parse_rules("program curl\n")
