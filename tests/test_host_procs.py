@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from pmk.host.procs import ProcessTable
 
@@ -79,3 +82,23 @@ def test_a_vanished_process_is_skipped(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "10")
     assert table.owner_of(1001, uid=0) is None
     assert table.owner_of(2001, uid=0) == (20, "/usr/bin/second")
+
+
+def test_a_process_that_reopens_costs_one_readlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_process(tmp_path, 10, 500, "/usr/bin/busy", list(range(1000, 1050)))
+    table = ProcessTable(str(tmp_path))
+    assert table.owner_of(1020, uid=0) == (10, "/usr/bin/busy")
+    # The descriptor of socket 1020 now holds a new socket, as after close() and socket().
+    fd = tmp_path / "10" / "fd" / str(3 + 20)
+    fd.unlink()
+    os.symlink("socket:[2000]", fd)
+    calls: list[object] = []
+    readlink = os.readlink
+
+    def counted(*args: Any, **kwargs: Any) -> str:
+        calls.append(args)
+        return readlink(*args, **kwargs)
+
+    monkeypatch.setattr(os, "readlink", counted)
+    assert table.owner_of(2000, uid=0) == (10, "/usr/bin/busy")
+    assert len(calls) == 1
