@@ -15,7 +15,7 @@ class Owner:
     """The process that owns a connection's local socket."""
 
     pid: int
-    process: str  # the executable's real path ("" when it cannot be read)
+    process: str | None  # the executable's real path (None when it cannot be read)
     uid: int | None  # the socket's owner; None where the platform has no uids (Windows)
 
 

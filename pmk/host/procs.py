@@ -41,11 +41,11 @@ class ProcessTable:
         self._lock = threading.Lock()
         self.scanned_processes = 0  # for the benchmark: how much work misses cost
 
-    def owner_of(self, inode: int, uid: int) -> tuple[int, str] | None:
+    def owner_of(self, inode: int, uid: int) -> tuple[int, str | None] | None:
         """The pid and executable path of a process holding socket ``inode``, or None.
 
         ``uid`` (the socket's owner, from the kernel) only orders the search.
-        The path is "" when the executable cannot be read (process exiting).
+        The path is None when the executable cannot be read (process exiting).
         """
         with self._lock:
             holder = self._holder.get(inode)
@@ -164,14 +164,14 @@ class ProcessTable:
         except (IndexError, ValueError):
             return None
 
-    def _executable(self, pid: int, started: int) -> str:
+    def _executable(self, pid: int, started: int) -> str | None:
         cached = self._exe.get(pid)
         if cached is not None and cached[0] == started:
             return cached[1]
         try:
             path = os.readlink(f"{self._proc}/{pid}/exe")
         except OSError:
-            return ""
+            return None
         path = path.removesuffix(_DELETED)
         if len(self._exe) > MAX_CACHED:
             self._exe.clear()

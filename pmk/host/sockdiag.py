@@ -136,7 +136,7 @@ class SockDiag:
         return self._request(body, NLM_F_REQUEST | NLM_F_DUMP)
 
     def _request(self, body: bytes, flags: int) -> list[DiagEntry]:
-        """Send one request; yield the sockets of its answer (none for ENOENT)."""
+        """Send one request; return the sockets of its answer (none for ENOENT)."""
         with self._lock:
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             seq = self._seq

@@ -113,8 +113,8 @@ class WindowsOwnerLookup:
                         self._endpoints.pop(endpoint, None)
                 self._changed.notify_all()
 
-    def _executable(self, pid: int) -> str:
-        """The process's executable, cached while its create time is unchanged ("" if gone)."""
+    def _executable(self, pid: int) -> str | None:
+        """The process's executable, cached while its create time is unchanged (None if gone)."""
         try:
             process = psutil.Process(pid)
             created = process.create_time()
@@ -123,7 +123,7 @@ class WindowsOwnerLookup:
                 return cached[1]
             path = process.exe()
         except psutil.Error:
-            return ""
+            return None
         if len(self._exe) > MAX_ENTRIES:
             self._exe.clear()
         self._exe[pid] = (created, path)
