@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from pmk.verdicts import Verdict
+from pmk.verdicts import Target, Verdict
 
 POSIX_ENDPOINT = "/run/pmk/pmk.sock"
 WINDOWS_ENDPOINT = r"\\.\pipe\pmk"
@@ -72,3 +72,7 @@ class ServeConfig:
     divert_ring_bytes: int = DEFAULT_RING_BYTES
     #: divert: packets the driver queues for pmk; 0 keeps the library's default.
     divert_queue_len: int = 0
+    #: reroute_to_nameserver targets (``--nameserver ADDR:PORT``), at most one per IP version.
+    nameservers: tuple[Target, ...] = ()
+    #: reroute_to_tunnel targets (``--tunnel ADDR:PORT``), at most one per IP version.
+    tunnels: tuple[Target, ...] = ()
