@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dpkt
+import dpkt  # type: ignore[import-untyped]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
