@@ -126,3 +126,33 @@ def test_what_cannot_be_rewritten_is_left_alone() -> None:
         packet = bytearray(raw)
         assert not rewrite_destination(packet, flow, ip, 53)
         assert packet == raw
+
+
+@given(cases())
+def test_a_partial_checksum_stays_the_partial_sum_of_the_new_pseudo_header(
+    case: tuple[bytes, bytes, int, bool],
+) -> None:
+    raw, ip, port, destination = case
+    flow = parse_flow(raw)
+    assert flow is not None
+    packet = bytearray(raw)
+    field = flow.transport_offset + (16 if flow.protocol == dpkt.ip.IP_PROTO_TCP else 6)
+    length = len(raw) - flow.transport_offset
+    # As the kernel leaves it for the card: the folded pseudo-header sum, not complemented.
+    packet[field : field + 2] = partial_sum(flow.src, flow.dst, flow.protocol, length).to_bytes(2, "big")
+    rewrite = rewrite_destination if destination else rewrite_source
+    assert rewrite(packet, flow, ip, port, partial=True)
+    src, dst = (flow.src, ip) if destination else (ip, flow.dst)
+    assert (
+        int.from_bytes(packet[field : field + 2], "big") % 0xFFFF
+        == partial_sum(src, dst, flow.protocol, length) % 0xFFFF
+    )
+
+
+def partial_sum(src: bytes, dst: bytes, protocol: int, length: int) -> int:
+    """dpkt's one's complement sum of the pseudo-header, folded but not complemented."""
+    if len(src) == 4:
+        header = src + dst + bytes((0, protocol)) + length.to_bytes(2, "big")
+    else:
+        header = src + dst + length.to_bytes(4, "big") + bytes((0, 0, 0, protocol))
+    return int(~dpkt.in_cksum(header) & 0xFFFF)

@@ -17,6 +17,12 @@ checksums cover the addresses (pseudo-header) and the ports; the IPv4 header
 checksum covers the addresses. A UDP checksum of 0 over IPv4 means "none" and
 stays 0; a UDP checksum that comes out 0 is sent as 0xFFFF (RFC 768).
 
+A packet captured on its way out may carry a *partial* checksum (the kernel
+left the sum over the segment to the network card): then the field holds
+the plain sum of the pseudo-header only, and ``partial=True`` keeps it the
+partial sum for the new addresses (the ports are not in it). eBPFDivert
+says which it is in the address record's checksum flags.
+
 Fragments are not rewritten (None): later fragments carry no ports, so their
 connection cannot be told, and the kernel extension pmk follows blocks them.
 """
@@ -31,21 +37,21 @@ _CHECKSUM_AT = {TCP: 16, UDP: 6}
 _MORE_FRAGMENTS = 0x20
 
 
-def rewrite_destination(packet: bytearray, flow: Flow, ip: bytes, port: int) -> bool:
+def rewrite_destination(packet: bytearray, flow: Flow, ip: bytes, port: int, partial: bool = False) -> bool:
     """Send ``packet`` to ``ip``:``port`` instead of its destination; False (unchanged) if it cannot be."""
     if flow.ip_version == 4:
-        return _rewrite(packet, flow, 16, 2, ip, port)
-    return _rewrite(packet, flow, 24, 2, ip, port)
+        return _rewrite(packet, flow, 16, 2, ip, port, partial)
+    return _rewrite(packet, flow, 24, 2, ip, port, partial)
 
 
-def rewrite_source(packet: bytearray, flow: Flow, ip: bytes, port: int) -> bool:
+def rewrite_source(packet: bytearray, flow: Flow, ip: bytes, port: int, partial: bool = False) -> bool:
     """Make ``packet`` come from ``ip``:``port``; False (unchanged) if it cannot be."""
     if flow.ip_version == 4:
-        return _rewrite(packet, flow, 12, 0, ip, port)
-    return _rewrite(packet, flow, 8, 0, ip, port)
+        return _rewrite(packet, flow, 12, 0, ip, port, partial)
+    return _rewrite(packet, flow, 8, 0, ip, port, partial)
 
 
-def _rewrite(packet: bytearray, flow: Flow, ip_at: int, port_at: int, ip: bytes, port: int) -> bool:
+def _rewrite(packet: bytearray, flow: Flow, ip_at: int, port_at: int, ip: bytes, port: int, partial: bool) -> bool:
     offset = flow.transport_offset
     checksum_at = _CHECKSUM_AT.get(flow.protocol)
     ip_end = ip_at + len(ip)
@@ -65,7 +71,12 @@ def _rewrite(packet: bytearray, flow: Flow, ip_at: int, port_at: int, ip: bytes,
     old_port = packet[port_at] << 8 | packet[port_at + 1]
     field = offset + checksum_at
     old_sum = packet[field] << 8 | packet[field + 1]
-    if not (flow.protocol == UDP and flow.ip_version == 4 and old_sum == 0):
+    if partial:
+        # A sum, not its complement, and of the pseudo-header alone.
+        new_sum = (old_sum - old_ip + new_ip) % _ONES
+        packet[field] = new_sum >> 8
+        packet[field + 1] = new_sum & 0xFF
+    elif not (flow.protocol == UDP and flow.ip_version == 4 and old_sum == 0):
         new_sum = (old_sum + old_ip + old_port - new_ip - port) % _ONES
         if new_sum == 0 and flow.protocol == UDP:
             new_sum = _ONES
