@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,10 @@ from pmk.capture.nat_rules import (
     is_first_packet,
     slot_count,
 )
+from pmk.packet.parse import parse_flow
 from pmk.verdicts import Target
 from tests.netns import TwoHosts, need_root_reason, two_hosts
+from tests.reroute_app import run_app
 
 REPO = Path(__file__).resolve().parent.parent
 QUEUE = 9
@@ -106,7 +109,7 @@ def _decider() -> None:
 
     from pmk.capture.nat_rules import NatRuleSet
 
-    plan = json.loads(sys.argv[2])
+    plan = json.loads(sys.argv[1])
     nat = NatRuleSet(QUEUE, plan["match"], pinned=[NS4, NS6])
     filters = rules.RuleSet(QUEUE, plan["match"])
     seen: list[dict[str, object]] = []
@@ -115,8 +118,6 @@ def _decider() -> None:
     def on_packet(pkt: object) -> None:
         raw = pkt.get_payload()  # type: ignore[attr-defined]
         mark = pkt.get_mark()  # type: ignore[attr-defined]
-        from pmk.packet.parse import parse_flow
-
         flow = parse_flow(raw)
         assert flow is not None
         slot_bits = 0
@@ -134,8 +135,6 @@ def _decider() -> None:
     filters.install()
     nat.install()
     try:
-        import selectors
-
         sel = selectors.DefaultSelector()
         sel.register(queue.get_fd(), selectors.EVENT_READ)
         sel.register(sys.stdin, selectors.EVENT_READ)
@@ -152,59 +151,8 @@ def _decider() -> None:
         queue.unbind()
 
 
-def _app() -> None:
-    """Script mode: local services on the targets, then the application's own view of its peers."""
-    import socket
-    import threading
-
-    def resolver(family: int, host: str) -> None:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.bind((host, 5353))
-        while True:
-            data, peer = sock.recvfrom(2048)
-            sock.sendto(b"answer:" + data, peer)
-
-    def proxy() -> None:
-        server = socket.create_server(("127.0.0.1", 8080))
-        while True:
-            conn, _ = server.accept()
-            with conn:
-                while data := conn.recv(65536):
-                    conn.sendall(data.upper())
-
-    for target, args in ((resolver, (socket.AF_INET, "127.0.0.1")), (resolver, (socket.AF_INET6, "::1")), (proxy, ())):
-        threading.Thread(target=target, args=args, daemon=True).start()
-    import time
-
-    time.sleep(0.3)
-    out: dict[str, object] = {}
-    for name, family, peer in (
-        ("udp4", socket.AF_INET, ("198.18.0.2", 53)),
-        ("udp6", socket.AF_INET6, ("fd00:18::2", 53)),
-    ):
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.settimeout(5)
-        answers = []
-        for i in range(3):
-            sock.sendto(b"q%d" % i, peer)
-            data, source = sock.recvfrom(2048)
-            answers.append([data.decode(), source[0], source[1]])
-        out[name] = answers
-    conn = socket.create_connection(("198.18.0.2", 80), timeout=5)
-    out["tcp_peer"] = list(conn.getpeername())
-    payload = b"hello proxy " * 20000
-    conn.sendall(payload)
-    conn.shutdown(socket.SHUT_WR)
-    received = b""
-    while data := conn.recv(65536):
-        received += data
-    out["tcp_ok"] = received == payload.upper()
-    print(json.dumps(out), flush=True)
-
-
-def _script(hosts: TwoHosts, mode: str, *args: str) -> list[str]:
-    env = ["env", f"PYTHONPATH={REPO}"]
-    return hosts.exec_argv(hosts.client, *env, sys.executable, __file__, mode, *args)
+def _script(hosts: TwoHosts, *args: str) -> list[str]:
+    return hosts.exec_argv(hosts.client, "env", f"PYTHONPATH={REPO}", sys.executable, __file__, *args)
 
 
 @pytest.mark.netns
@@ -219,11 +167,11 @@ def test_rerouted_connections_reach_local_services_and_see_their_peer() -> None:
     plan = {"match": "udp:53,tcp:80", "targets": {"53": "nameserver", "80": str(PROXY)}}
     with two_hosts() as hosts:
         decider = subprocess.Popen(
-            _script(hosts, "decider", json.dumps(plan)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            _script(hosts, json.dumps(plan)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         try:
             assert decider.stdout is not None and decider.stdout.readline().strip() == "ready"
-            app = subprocess.run(_script(hosts, "app"), capture_output=True, text=True, timeout=60, check=False)
+            app = run_app(hosts)
             assert app.returncode == 0, app.stderr
             seen = json.loads(decider.communicate("", timeout=30)[0])
         finally:
@@ -241,4 +189,4 @@ def test_rerouted_connections_reach_local_services_and_see_their_peer() -> None:
 
 
 if __name__ == "__main__":
-    {"decider": _decider, "app": _app}[sys.argv[1]]()
+    _decider()
