@@ -45,6 +45,8 @@ class Verdict(enum.StrEnum):
 FILTER_VERDICTS = frozenset({Verdict.ACCEPT, Verdict.BLOCK, Verdict.DROP})
 #: Verdicts that send the connection elsewhere; counted as the outcome ``rerouted``.
 REROUTE_VERDICTS = frozenset({Verdict.REROUTE_TO_NAMESERVER, Verdict.REROUTE_TO_TUNNEL, Verdict.REDIRECT})
+#: Everything a decider may answer.
+DECIDE_VERDICTS = FILTER_VERDICTS | REROUTE_VERDICTS
 
 
 class ConnKey(NamedTuple):
@@ -129,6 +131,20 @@ class RerouteTargets:
             if len(versions) != len(set(versions)):
                 raise ValueError(f"at most one {name} per IP version")
 
+    def verdicts(self, redirect: bool = True) -> list[Verdict]:
+        """The verdicts a server with these targets can carry out, for ``hello`` (SPEC 5.2).
+
+        ``redirect``: whether the capture backend can rewrite at all.
+        """
+        available = [Verdict.ACCEPT, Verdict.BLOCK, Verdict.DROP]
+        if redirect:
+            if self.nameservers:
+                available.append(Verdict.REROUTE_TO_NAMESERVER)
+            if self.tunnels:
+                available.append(Verdict.REROUTE_TO_TUNNEL)
+            available.append(Verdict.REDIRECT)
+        return available
+
     def resolve(self, verdict: Verdict, to: Target | None, ip_length: int) -> Target:
         """The target ``verdict`` sends a connection with ``ip_length``-byte addresses to.
 
@@ -162,9 +178,6 @@ class Decision:
     target: Target | None = None
 
 
-_DECIDE_VERDICTS = FILTER_VERDICTS | REROUTE_VERDICTS
-
-
 def parse_decision(result: object, targets: RerouteTargets, key: ConnKey, outbound: bool) -> Decision:
     """Check a ``decide`` result for the connection ``key``; raise ValueError saying what is wrong.
 
@@ -174,7 +187,7 @@ def parse_decision(result: object, targets: RerouteTargets, key: ConnKey, outbou
     """
     if not isinstance(result, dict):
         raise ValueError("a decide result must be a map")
-    verdict = Verdict.parse(result.get("verdict"), _DECIDE_VERDICTS)
+    verdict = Verdict.parse(result.get("verdict"), DECIDE_VERDICTS)
     permanent = result.get("permanent", False)
     if type(permanent) is not bool:
         raise ValueError("permanent must be a boolean")

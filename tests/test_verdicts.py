@@ -112,3 +112,9 @@ def test_nothing_configured_makes_reroutes_invalid() -> None:
 def test_one_target_per_ip_version() -> None:
     with pytest.raises(ValueError, match="one nameserver"):
         RerouteTargets(nameservers=(Target.parse("127.0.0.1:53"), Target.parse("127.0.0.2:53")))
+
+
+def test_hello_lists_only_the_reroutes_that_can_be_carried_out() -> None:
+    assert RerouteTargets().verdicts() == [Verdict.ACCEPT, Verdict.BLOCK, Verdict.DROP, Verdict.REDIRECT]
+    assert Verdict.REROUTE_TO_NAMESERVER in TARGETS.verdicts() and Verdict.REROUTE_TO_TUNNEL in TARGETS.verdicts()
+    assert TARGETS.verdicts(redirect=False) == [Verdict.ACCEPT, Verdict.BLOCK, Verdict.DROP]
