@@ -25,7 +25,7 @@ from pmk.client_types import ConnectionList, DecideInfo, HelloResult, Role
 from pmk.config import default_endpoint
 from pmk.rpc.connection import RpcConnection
 from pmk.rpc.messages import ErrorCode, Notification, ProtocolViolation, Request, Response, wire_error
-from pmk.verdicts import Verdict
+from pmk.verdicts import DECIDE_VERDICTS, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Decision:
 
     def __post_init__(self) -> None:
         if not isinstance(self.verdict, Verdict):
-            object.__setattr__(self, "verdict", Verdict.parse(self.verdict))
+            object.__setattr__(self, "verdict", Verdict.parse(self.verdict, DECIDE_VERDICTS))
 
     def to_wire(self) -> dict[str, Any]:
         verdict = cast(Verdict, self.verdict)

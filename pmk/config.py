@@ -6,7 +6,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from pmk.verdicts import Verdict
+from pmk.verdicts import Target, Verdict
 
 POSIX_ENDPOINT = "/run/pmk/pmk.sock"
 WINDOWS_ENDPOINT = r"\\.\pipe\pmk"
@@ -34,6 +34,13 @@ DEFAULT_DIVERT_BATCH = 32
 # packets unfiltered (ringbuf_full); 16 MiB passed none in the sweep. The
 # ring is mapped into pmk, so it shows in RSS (about twice its size).
 DEFAULT_RING_BYTES = 16 << 20
+# Divert redirects: a rerouted connection is forgotten after this long without
+# a packet (TCP: the kernel extension pmk follows cleans idle connections
+# after 10 minutes; UDP has no end, so a DNS exchange is over much sooner),
+# or this long after FINs went both ways (the last ACK and retransmissions).
+REDIRECT_IDLE_TCP = 600.0
+REDIRECT_IDLE_UDP = 60.0
+REDIRECT_LINGER = 10.0
 
 
 def default_endpoint() -> str:
@@ -72,3 +79,7 @@ class ServeConfig:
     divert_ring_bytes: int = DEFAULT_RING_BYTES
     #: divert: packets the driver queues for pmk; 0 keeps the library's default.
     divert_queue_len: int = 0
+    #: reroute_to_nameserver targets (``--nameserver ADDR:PORT``), at most one per IP version.
+    nameservers: tuple[Target, ...] = ()
+    #: reroute_to_tunnel targets (``--tunnel ADDR:PORT``), at most one per IP version.
+    tunnels: tuple[Target, ...] = ()
