@@ -1,0 +1,1 @@
+"""Policies shipped with pmk (package data, read with importlib.resources)."""
