@@ -6,65 +6,46 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 import pmk
-from pmk import config as defaults
-from pmk.config import ServeConfig
-from pmk.verdicts import Verdict
+from pmk import config_layers
+from pmk.config import ServeConfig, default_endpoint
+from pmk.core.policy import load_policy
+from pmk.errors import EXIT_USAGE, PmkError, UsageError
+
+if TYPE_CHECKING:
+    from pmk.server.app import Server
 
 log = logging.getLogger("pmk")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line like every other pmk error (status 2 as before)."""
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pmk", description="Verdict-request server for application firewalls.")
+    parser = _Parser(prog="pmk", description="Verdict-request server for application firewalls.")
     parser.add_argument("--version", action="version", version=f"pmk {pmk.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="intercept packets and ask deciders for verdicts")
-    serve.add_argument("--pipe", default=None, help="endpoint path (default: $PMK_PIPE or the platform default)")
-    serve.add_argument("--filter", default=defaults.DEFAULT_FILTER, help="WinDivert filter (divert backend)")
-    serve.add_argument("--capture", choices=("auto", "divert", "nfqueue"), default="auto")
-    serve.add_argument("--packet-cache", type=_positive_int, default=defaults.DEFAULT_PACKET_CACHE)
-    serve.add_argument("--verdict-cache", type=_positive_int, default=defaults.DEFAULT_VERDICT_CACHE)
-    serve.add_argument("--default-verdict", choices=[v.value for v in Verdict], default=defaults.DEFAULT_VERDICT.value)
-    serve.add_argument("--verdict-timeout", type=_positive_float, default=defaults.DEFAULT_VERDICT_TIMEOUT)
-    serve.add_argument("--allow-uid", type=int, action="append", default=[], help="also admit this uid")
-    serve.add_argument("--allow-group", type=int, action="append", default=[], help="also admit this gid")
-    serve.add_argument("--fail-open", action="store_true", help="nfqueue: pass packets when pmk is not reading")
-    serve.add_argument("--queue-num", type=int, default=0, help="nfqueue: the queue number")
-    serve.add_argument(
-        "--scope", default="", help="nfqueue: what to intercept, e.g. 'tcp:443,udp:5000-5010,icmp' (default: all)"
+    serve = commands.add_parser(
+        "serve",
+        help="intercept packets and ask deciders for verdicts",
+        description="Each option can also come from $PMK_<OPTION> or a --config file; a flag wins over the"
+        " environment, the environment over the file.",
     )
-    serve.add_argument("--queue-maxlen", type=_positive_int, default=1024, help="nfqueue: kernel queue length")
     serve.add_argument(
-        "--divert-batch", type=_positive_int, default=defaults.DEFAULT_DIVERT_BATCH, help="divert: packets per receive"
+        "--check", action="store_true", help="validate flags, environment, config file and policy, then exit"
     )
-    serve.add_argument("--divert-wakeup-batches", type=_positive_int, default=1, help="divert: receives per wake-up")
-    serve.add_argument(
-        "--ring-bytes",
-        type=int,
-        default=defaults.DEFAULT_RING_BYTES,
-        help="divert (Linux): eBPF ring, 0 = library default",
-    )
-    serve.add_argument("--divert-queue-len", type=int, default=0, help="divert: driver queue length, 0 = default")
-    serve.add_argument("--log-level", default="info")
+    config_layers.add_options(serve)
 
     stats = commands.add_parser("stats", help="print a running server's counters")
     stats.add_argument("--pipe", default=None)
@@ -76,37 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    config = ServeConfig(
-        filter=args.filter,
-        capture=args.capture,
-        packet_cache=args.packet_cache,
-        verdict_cache=args.verdict_cache,
-        default_verdict=Verdict(args.default_verdict),
-        verdict_timeout=args.verdict_timeout,
-        allow_uids=tuple(args.allow_uid),
-        allow_gids=tuple(args.allow_group),
-        fail_open=args.fail_open,
-        queue_num=args.queue_num,
-        scope=args.scope,
-        queue_maxlen=args.queue_maxlen,
-        divert_batch=args.divert_batch,
-        divert_batches_per_wakeup=args.divert_wakeup_batches,
-        divert_ring_bytes=args.ring_bytes,
-        divert_queue_len=args.divert_queue_len,
-    )
-    if args.pipe:
-        config.endpoint = args.pipe
-    return config
-
-
 async def serve(config: ServeConfig) -> int:
-    """Run until SIGINT or SIGTERM; return the exit status."""
+    """Run until SIGINT or SIGTERM (SIGHUP re-reads the policy); return the exit status."""
+    from pmk.capture.netfilter_rules import RulesError
     from pmk.capture.select import build_backend
     from pmk.server.app import Server
     from pmk.server.endpoint import EndpointError
 
-    backend = build_backend(config)
+    try:
+        backend = build_backend(config)
+    except (OSError, ImportError, RulesError) as error:
+        raise PmkError(f"cannot set up the {config.capture} capture backend: {error}") from None
     if backend.name == "divert":
         from pmk.capture.cleanup import clean_stale_divert
 
@@ -114,10 +75,9 @@ async def serve(config: ServeConfig) -> int:
     server = Server(config, backend)
     try:
         await server.start()
-    except (EndpointError, OSError) as error:
-        log.error("cannot start: %s", error)
+    except (EndpointError, OSError, RulesError) as error:
         backend.close()
-        return 1
+        raise PmkError(f"cannot start: {error}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -125,6 +85,9 @@ async def serve(config: ServeConfig) -> int:
             loop.add_signal_handler(signum, stop.set)
         except (NotImplementedError, AttributeError):  # Windows
             signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop.set))
+    if hasattr(signal, "SIGHUP"):  # closing the terminal must not kill pmk without its cleanup
+        loop.add_signal_handler(signal.SIGHUP, reload_policy, server, config)
+    log.info("%s", config.policy.summary())
     print(f"pmk {pmk.__version__}: serving on {config.endpoint} ({backend.name} backend)", flush=True)
     await stop.wait()
     log.info("stopping")
@@ -132,12 +95,38 @@ async def serve(config: ServeConfig) -> int:
     return 0
 
 
-async def print_stats(path: str | None, as_json: bool) -> int:
-    from pmk.client import Client
+def reload_policy(server: Server, config: ServeConfig) -> None:
+    """SIGHUP: re-read the policy file; a bad file keeps the policy in force and says why."""
+    if not config.policy_file:
+        log.warning("SIGHUP: nothing to reload, the policy is not from a file (%s)", config.policy.source)
+        return
+    try:
+        policy = load_policy(config.policy_file)
+    except UsageError as error:
+        lines = str(error).splitlines()
+        log.error("SIGHUP: keeping the current policy; the new one has %d error(s):", len(lines))
+        for line in lines:
+            log.error("  %s", line)
+        return
+    server.replace_policy(policy)
+    config.policy = policy
+    log.info("SIGHUP: reloaded %s", policy.summary())
 
-    client = await Client.connect(path)
+
+async def print_stats(path: str | None, as_json: bool) -> int:
+    from pmk.client import Client, RemoteError
+
+    where = path or default_endpoint()
+    try:
+        client = await Client.connect(path)
+    except OSError as error:
+        raise PmkError(f"cannot reach pmk at {where}: {error.strerror or error}") from None
     try:
         stats = await client.call("get_stats")
+    except RemoteError as error:
+        raise PmkError(f"pmk at {where} answered get_stats with an error: {error}") from None
+    except ConnectionError as error:
+        raise PmkError(f"pmk at {where} closed the connection: {error}") from None
     finally:
         client.close()
     if as_json:
@@ -160,22 +149,33 @@ async def print_stats(path: str | None, as_json: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a PmkError ends it with one line per message line on stderr and its status."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except PmkError as error:
+        for line in str(error).splitlines() or [type(error).__name__]:
+            print(f"pmk: {line}", file=sys.stderr)
+        return error.exit_status
+
+
+def _run(args: argparse.Namespace) -> int:
     from pmk.loop import run
 
     if args.command == "serve":
+        layered = config_layers.resolve(args, os.environ)
+        if args.check:
+            print(f"pmk: {layered.summary()}")
+            return 0
+        config = layered.config
         logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
-        return run(serve(config_from_args(args)), need_pipes=True)
+        return run(serve(config), need_pipes=True)
     if args.command == "bench":
         from pmk import bench
 
         return bench.run(args)
     if args.command == "stats":
-        try:
-            return run(print_stats(args.pipe, args.json))
-        except OSError as error:
-            print(f"pmk stats: cannot reach pmk: {error}", file=sys.stderr)
-            return 1
+        return run(print_stats(args.pipe, args.json))
     return 2

@@ -1,16 +1,28 @@
-"""Settings for ``pmk serve``, with the defaults README.md explains."""
+"""Settings for ``pmk serve``: every default (README.md explains them) and the option table.
+
+Each ``serve`` option is one row of ``OPTIONS``: its name, kind, default and
+help. The flag (``--verdict-timeout``), the environment variable
+(``PMK_VERDICT_TIMEOUT``) and the config file key (``verdict-timeout``) are
+derived from the name, so the three ways to set an option cannot drift
+apart; ``pmk/config_layers.py`` reads them.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from pmk.core.policy import Policy, default_only
 from pmk.verdicts import Target, Verdict
 
 POSIX_ENDPOINT = "/run/pmk/pmk.sock"
 WINDOWS_ENDPOINT = r"\\.\pipe\pmk"
 ENDPOINT_ENV = "PMK_PIPE"
+#: The prefix of every environment variable that sets a ``serve`` option.
+ENV_PREFIX = "PMK_"
 
 # Held packets: the kernel extension pmk follows uses 1024 slots.
 DEFAULT_PACKET_CACHE = 1024
@@ -18,7 +30,9 @@ DEFAULT_PACKET_CACHE = 1024
 DEFAULT_VERDICT_CACHE = 65536
 # Fail closed: an undecided packet is rejected (not silently dropped, so
 # applications fail fast), and the verdict is never cached, so the
-# connection is asked about again as soon as a decider answers.
+# connection is asked about again as soon as a decider answers. The shipped
+# policy (pmk/policies/default.toml) ends in this default, with inbound SSH
+# accepted before it.
 DEFAULT_VERDICT = Verdict.BLOCK
 # Long enough for a decider to look at a payload, short enough that a TCP
 # handshake is not yet retried many times.
@@ -26,6 +40,8 @@ DEFAULT_VERDICT_TIMEOUT = 2.0
 # Everything with ports or ICMP, but never loopback: pmk's own clients and
 # local services keep working whatever the decider does.
 DEFAULT_FILTER = "not loopback and (tcp or udp or icmp or icmpv6)"
+# nfqueue: kernel queue length; 8192 let pmk fall behind under a flood.
+DEFAULT_QUEUE_MAXLEN = 1024
 # Divert: packets per receive. Small enough that decider answers get in
 # between receives under a flood (255 let the packet cache evict nearly every
 # asked packet before its answer came: benchmarks/README.md, the sweep).
@@ -41,14 +57,19 @@ DEFAULT_RING_BYTES = 16 << 20
 REDIRECT_IDLE_TCP = 600.0
 REDIRECT_IDLE_UDP = 60.0
 REDIRECT_LINGER = 10.0
+DEFAULT_LOG_LEVEL = "info"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+CAPTURES = ("auto", "divert", "nfqueue")
+
+
+def platform_endpoint() -> str:
+    """Where pmk listens unless told otherwise."""
+    return WINDOWS_ENDPOINT if sys.platform == "win32" else POSIX_ENDPOINT
 
 
 def default_endpoint() -> str:
     """The endpoint path: ``PMK_PIPE`` if set, else the platform default."""
-    configured = os.environ.get(ENDPOINT_ENV)
-    if configured:
-        return configured
-    return WINDOWS_ENDPOINT if sys.platform == "win32" else POSIX_ENDPOINT
+    return os.environ.get(ENDPOINT_ENV) or platform_endpoint()
 
 
 @dataclass
@@ -60,7 +81,12 @@ class ServeConfig:
     capture: str = "auto"
     packet_cache: int = DEFAULT_PACKET_CACHE
     verdict_cache: int = DEFAULT_VERDICT_CACHE
+    #: the policy's final default (the engine reads it until it applies ``policy`` itself)
     default_verdict: Verdict = DEFAULT_VERDICT
+    #: what pmk decides when no decider does; the command line sets the shipped one
+    policy: Policy = field(default_factory=lambda: default_only(DEFAULT_VERDICT))
+    #: the file ``policy`` was read from and SIGHUP re-reads ("" when not from a file)
+    policy_file: str = ""
     verdict_timeout: float = DEFAULT_VERDICT_TIMEOUT
     #: decide requests outstanding per decider before further asks wait (SPEC 5.3).
     max_in_flight: int = 256
@@ -70,7 +96,7 @@ class ServeConfig:
     queue_num: int = 0
     #: nfqueue: what to intercept, e.g. "tcp:443,udp:53,icmp"; empty means all.
     scope: str = ""
-    queue_maxlen: int = 1024
+    queue_maxlen: int = DEFAULT_QUEUE_MAXLEN
     #: divert: packets per recv_ex/send_ex call (1..255).
     divert_batch: int = DEFAULT_DIVERT_BATCH
     #: divert: receives with anything but cache hits per wake-up of the event loop.
@@ -83,3 +109,229 @@ class ServeConfig:
     nameservers: tuple[Target, ...] = ()
     #: reroute_to_tunnel targets (``--tunnel ADDR:PORT``), at most one per IP version.
     tunnels: tuple[Target, ...] = ()
+    log_level: str = DEFAULT_LOG_LEVEL
+
+
+# -- the option table -----------------------------------------------------------------------
+
+
+class Kind:
+    """How an option's value is read: from text (flag, environment) or from a TOML value."""
+
+    metavar = "VALUE"
+
+    def from_text(self, text: str) -> Any:
+        """Parse a flag or environment value; raise ValueError saying what is wrong."""
+        return self.check(text)
+
+    def from_toml(self, value: Any) -> Any:
+        """Check a config file value; raise ValueError saying what is wrong."""
+        if not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        return self.check(value)
+
+    def check(self, value: Any) -> Any:
+        return value
+
+
+@dataclass(frozen=True)
+class Integer(Kind):
+    minimum: int = 0
+    maximum: int | None = None
+    metavar = "N"
+
+    def from_text(self, text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a whole number") from None
+        return self.check(value)
+
+    def from_toml(self, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a whole number")
+        return self.check(value)
+
+    def check(self, value: int) -> int:
+        if value < self.minimum:
+            raise ValueError(f"{value} is less than {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"{value} is more than {self.maximum}")
+        return value
+
+
+@dataclass(frozen=True)
+class Seconds(Kind):
+    """A positive number of seconds."""
+
+    metavar = "S"
+
+    def from_text(self, text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        return self.check(value)
+
+    def from_toml(self, value: Any) -> float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"{value!r} is not a number")
+        return self.check(float(value))
+
+    def check(self, value: float) -> float:
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"{value} is not a positive number of seconds")
+        return value
+
+
+@dataclass(frozen=True)
+class Choice(Kind):
+    choices: tuple[str, ...]
+
+    def from_text(self, text: str) -> str:
+        return self.check(text.strip().lower())
+
+    def check(self, value: str) -> str:
+        if value not in self.choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(self.choices)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Text(Kind):
+    """Free text, optionally checked by ``validate`` (which raises ValueError or UsageError)."""
+
+    validate: Callable[[str], object] | None = None
+    metavar: str = "TEXT"  # type: ignore[misc]
+
+    def check(self, value: str) -> str:
+        if self.validate is not None and value:
+            from pmk.errors import UsageError
+
+            try:
+                self.validate(value)
+            except (ValueError, UsageError) as error:
+                raise ValueError(str(error)) from None
+        return value
+
+
+@dataclass(frozen=True)
+class Switch(Kind):
+    """On or off: ``--x``/``--no-x``, ``PMK_X=1``/``0``, ``x = true``."""
+
+    def from_text(self, text: str) -> bool:
+        word = text.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{text!r} is not one of 1, 0, true, false, yes, no, on, off")
+
+    def from_toml(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not true or false")
+        return value
+
+
+@dataclass(frozen=True)
+class IdList(Kind):
+    """User or group ids: a repeated flag, a comma list in the environment, a TOML list."""
+
+    metavar = "ID"
+
+    def from_text(self, text: str) -> tuple[int, ...]:
+        return tuple(self.one(item) for item in text.split(",") if item.strip())
+
+    def one(self, text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"{text.strip()!r} is not a numeric id") from None
+        if value < 0:
+            raise ValueError(f"{value} is not a valid id")
+        return value
+
+    def from_toml(self, value: Any) -> tuple[int, ...]:
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in items):
+            raise ValueError(f"{value!r} is not a list of numeric ids")
+        return tuple(items)
+
+
+def _check_scope(text: str) -> object:
+    from pmk.capture.netfilter_rules import parse_match  # the kernel backend owns the syntax
+
+    return parse_match(text)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``serve`` option; flag, environment variable and file key derive from ``name``."""
+
+    name: str  # as in the config file: "verdict-timeout"
+    kind: Kind
+    default: Any
+    help: str
+    #: the ServeConfig attribute it sets ("" when it is only read by the command line)
+    attribute: str = ""
+    #: an environment variable other than PMK_<NAME> (PMK_PIPE predates the table)
+    env_name: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def env(self) -> str:
+        return self.env_name or ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "pipe",
+        Text(metavar="PATH"),
+        platform_endpoint(),
+        "the endpoint deciders connect to",
+        "endpoint",
+        ENDPOINT_ENV,
+    ),
+    Option("policy", Text(metavar="FILE"), "", "fallback policy file (default: the shipped policy)", "policy_file"),
+    Option(
+        "default-verdict",
+        Choice(tuple(v.value for v in Verdict)),
+        None,
+        "shorthand for a policy with only this default (not with --policy)",
+    ),
+    Option("capture", Choice(CAPTURES), "auto", "capture backend", "capture"),
+    Option("filter", Text(metavar="FILTER"), DEFAULT_FILTER, "divert: WinDivert filter", "filter"),
+    Option(
+        "scope",
+        Text(_check_scope, metavar="SCOPE"),
+        "",
+        "nfqueue: what to intercept, e.g. 'tcp:443,udp:5000-5010,icmp' (default: all)",
+        "scope",
+    ),
+    Option("packet-cache", Integer(1), DEFAULT_PACKET_CACHE, "held packets", "packet_cache"),
+    Option("verdict-cache", Integer(1), DEFAULT_VERDICT_CACHE, "cached connections", "verdict_cache"),
+    Option("verdict-timeout", Seconds(), DEFAULT_VERDICT_TIMEOUT, "how long a decider may take", "verdict_timeout"),
+    Option("allow-uid", IdList(), (), "also admit this uid (repeatable)", "allow_uids"),
+    Option("allow-group", IdList(), (), "also admit this gid (repeatable)", "allow_gids"),
+    Option("fail-open", Switch(), False, "nfqueue: pass packets when pmk is not reading", "fail_open"),
+    Option("queue-num", Integer(0, 65535), 0, "nfqueue: the queue number", "queue_num"),
+    Option("queue-maxlen", Integer(1), DEFAULT_QUEUE_MAXLEN, "nfqueue: kernel queue length", "queue_maxlen"),
+    Option("divert-batch", Integer(1, 255), DEFAULT_DIVERT_BATCH, "divert: packets per receive", "divert_batch"),
+    Option("divert-wakeup-batches", Integer(1), 1, "divert: receives per wake-up", "divert_batches_per_wakeup"),
+    Option(
+        "ring-bytes",
+        Integer(0),
+        DEFAULT_RING_BYTES,
+        "divert (Linux): eBPF ring, 0 = library default",
+        "divert_ring_bytes",
+    ),
+    Option("divert-queue-len", Integer(0), 0, "divert: driver queue length, 0 = library default", "divert_queue_len"),
+    Option("log-level", Choice(LOG_LEVELS), DEFAULT_LOG_LEVEL, "log threshold", "log_level"),
+)
