@@ -67,7 +67,7 @@ async def serve(config: ServeConfig) -> int:
     try:
         backend = build_backend(config)
     except (OSError, ImportError, RulesError) as error:
-        raise PmkError(f"cannot set up the {config.capture} capture backend: {error}") from None
+        raise PmkError(f"cannot set up the {config.capture} capture backend: {_why(error)}") from None
     if backend.name == "divert":
         from pmk.capture.cleanup import clean_stale_divert
 
@@ -77,7 +77,7 @@ async def serve(config: ServeConfig) -> int:
         await server.start()
     except (EndpointError, OSError, RulesError) as error:
         backend.close()
-        raise PmkError(f"cannot start: {error}") from None
+        raise PmkError(f"cannot start: {_why(error)}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -93,6 +93,14 @@ async def serve(config: ServeConfig) -> int:
     log.info("stopping")
     await server.stop()
     return 0
+
+
+def _why(error: BaseException) -> str:
+    """The error's message, with the remedy when it is about privileges."""
+    message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    if isinstance(error, PermissionError) or "root" in message.lower():
+        return f"{message} (pmk serve needs root)"
+    return message
 
 
 def reload_policy(server: Server, config: ServeConfig) -> None:
