@@ -118,7 +118,9 @@ class ServeConfig:
 class Kind:
     """How an option's value is read: from text (flag, environment) or from a TOML value."""
 
-    metavar = "VALUE"
+    def metavar(self) -> str:
+        """How ``--help`` names the value."""
+        return "VALUE"
 
     def from_text(self, text: str) -> Any:
         """Parse a flag or environment value; raise ValueError saying what is wrong."""
@@ -138,7 +140,9 @@ class Kind:
 class Integer(Kind):
     minimum: int = 0
     maximum: int | None = None
-    metavar = "N"
+
+    def metavar(self) -> str:
+        return "N"
 
     def from_text(self, text: str) -> int:
         try:
@@ -164,7 +168,8 @@ class Integer(Kind):
 class Seconds(Kind):
     """A positive number of seconds."""
 
-    metavar = "S"
+    def metavar(self) -> str:
+        return "S"
 
     def from_text(self, text: str) -> float:
         try:
@@ -188,6 +193,9 @@ class Seconds(Kind):
 class Choice(Kind):
     choices: tuple[str, ...]
 
+    def metavar(self) -> str:
+        return "{" + ",".join(self.choices) + "}"
+
     def from_text(self, text: str) -> str:
         return self.check(text.strip().lower())
 
@@ -201,8 +209,11 @@ class Choice(Kind):
 class Text(Kind):
     """Free text, optionally checked by ``validate`` (which raises ValueError or UsageError)."""
 
+    label: str = "TEXT"
     validate: Callable[[str], object] | None = None
-    metavar: str = "TEXT"  # type: ignore[misc]
+
+    def metavar(self) -> str:
+        return self.label
 
     def check(self, value: str) -> str:
         if self.validate is not None and value:
@@ -237,7 +248,8 @@ class Switch(Kind):
 class IdList(Kind):
     """User or group ids: a repeated flag, a comma list in the environment, a TOML list."""
 
-    metavar = "ID"
+    def metavar(self) -> str:
+        return "ID"
 
     def from_text(self, text: str) -> tuple[int, ...]:
         return tuple(self.one(item) for item in text.split(",") if item.strip())
@@ -293,13 +305,13 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option(
         "pipe",
-        Text(metavar="PATH"),
+        Text("PATH"),
         platform_endpoint(),
         "the endpoint deciders connect to",
         "endpoint",
         ENDPOINT_ENV,
     ),
-    Option("policy", Text(metavar="FILE"), "", "fallback policy file (default: the shipped policy)", "policy_file"),
+    Option("policy", Text("FILE"), "", "fallback policy file (default: the shipped policy)", "policy_file"),
     Option(
         "default-verdict",
         Choice(tuple(v.value for v in Verdict)),
@@ -307,10 +319,10 @@ OPTIONS: tuple[Option, ...] = (
         "shorthand for a policy with only this default (not with --policy)",
     ),
     Option("capture", Choice(CAPTURES), "auto", "capture backend", "capture"),
-    Option("filter", Text(metavar="FILTER"), DEFAULT_FILTER, "divert: WinDivert filter", "filter"),
+    Option("filter", Text("FILTER"), DEFAULT_FILTER, "divert: WinDivert filter", "filter"),
     Option(
         "scope",
-        Text(_check_scope, metavar="SCOPE"),
+        Text("SCOPE", _check_scope),
         "",
         "nfqueue: what to intercept, e.g. 'tcp:443,udp:5000-5010,icmp' (default: all)",
         "scope",

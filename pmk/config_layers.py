@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmk.config import OPTIONS, Choice, IdList, ServeConfig, Switch
+from pmk.config import OPTIONS, IdList, ServeConfig, Switch, platform_endpoint
 from pmk.core.policy import Policy, default_only, load_policy, shipped_policy
 from pmk.errors import UsageError
 from pmk.verdicts import Verdict
@@ -47,7 +47,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                 action="append",
                 type=_argparse_type(kind.one),
                 default=None,
-                metavar=kind.metavar,
+                metavar=kind.metavar(),
                 help=help_text,
             )
         else:
@@ -56,7 +56,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                 dest=option.dest,
                 type=_argparse_type(kind.from_text),
                 default=None,
-                metavar="{" + ",".join(kind.choices) + "}" if isinstance(kind, Choice) else kind.metavar,
+                metavar=kind.metavar(),
                 help=help_text,
             )
 
@@ -108,7 +108,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Layered:
         value = getattr(args, option.dest, None)
         if value is not None:
             values[option.name] = (tuple(value) if isinstance(value, list) else value, option.flag)
-    config = ServeConfig()
+    config = ServeConfig(endpoint=platform_endpoint())  # PMK_PIPE is read above, like every variable
     for name, (value, _) in values.items():
         attribute = _BY_NAME[name].attribute
         if attribute:
