@@ -73,11 +73,7 @@ async def serve(config: ServeConfig) -> int:
 
         clean_stale_divert()  # programs a killed pmk left attached (nfqueue cleans up in install)
     server = Server(config, backend)
-    try:
-        await server.start()
-    except (EndpointError, OSError, RulesError) as error:
-        backend.close()
-        raise PmkError(f"cannot start: {_why(error)}") from None
+    # Before start: a signal that arrives while pmk installs its rules must not skip their removal.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -87,6 +83,11 @@ async def serve(config: ServeConfig) -> int:
             signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop.set))
     if hasattr(signal, "SIGHUP"):  # closing the terminal must not kill pmk without its cleanup
         loop.add_signal_handler(signal.SIGHUP, reload_policy, server, config)
+    try:
+        await server.start()
+    except (EndpointError, OSError, ImportError, RulesError) as error:  # ImportError: no NFQUEUE bindings
+        backend.close()
+        raise PmkError(f"cannot start: {_why(error)}") from None
     log.info("%s", config.policy.summary())
     print(f"pmk {pmk.__version__}: serving on {config.endpoint} ({backend.name} backend)", flush=True)
     await stop.wait()
