@@ -7,6 +7,7 @@ can start an unscoped pmk in the machine's own namespace.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -301,3 +302,48 @@ def test_every_mistake_is_collected_before_raising(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as caught:
         layered(["--policy", str(tmp_path / "missing.toml")], {"PMK_QUEUE_NUM": "-1"}, "queue-maxlen = 0\n", tmp_path)
     assert len(str(caught.value).splitlines()) == 3
+
+
+# -- SIGHUP: the reload itself, with a stand-in for the server ------------------------------
+
+
+class PolicyHolder:
+    """Stands in for the server: records the policies it is handed."""
+
+    def __init__(self) -> None:
+        self.policies: list[Any] = []
+
+    def replace_policy(self, policy: Any) -> None:
+        self.policies.append(policy)
+
+
+def test_sighup_swaps_in_a_good_policy_and_keeps_the_old_one_when_the_new_is_bad(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pmk.cli import reload_policy
+
+    caplog.set_level(logging.INFO, logger="pmk")
+    path = tmp_path / "p.toml"
+    path.write_text(GOOD_POLICY)
+    config = layered(["--policy", str(path)]).config
+    holder = PolicyHolder()
+    path.write_text(GOOD_POLICY.replace('verdict = "drop"', 'verdict = "accept"'))
+    reload_policy(holder, config)  # type: ignore[arg-type]
+    assert [p.default.verdict for p in holder.policies] == [Verdict.ACCEPT]
+    assert config.policy is holder.policies[0]
+    assert "SIGHUP: reloaded policy" in caplog.text
+    path.write_text('[default]\nverdict = "sometimes"\n')
+    reload_policy(holder, config)  # type: ignore[arg-type]
+    assert len(holder.policies) == 1
+    assert config.policy.default.verdict is Verdict.ACCEPT
+    assert "keeping the current policy; the new one has 1 error(s)" in caplog.text
+    assert "[default]: verdict: 'sometimes' is not accept, block or drop" in caplog.text
+
+
+def test_sighup_without_a_policy_file_changes_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    from pmk.cli import reload_policy
+
+    holder = PolicyHolder()
+    reload_policy(holder, layered([]).config)  # type: ignore[arg-type]
+    assert holder.policies == []
+    assert "nothing to reload, the policy is not from a file (shipped default.toml)" in caplog.text
