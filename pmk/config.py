@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pmk.core.policy import Policy, default_only
-from pmk.verdicts import Target, Verdict
+from pmk.verdicts import FILTER_VERDICTS, Target, Verdict
 
 POSIX_ENDPOINT = "/run/pmk/pmk.sock"
 WINDOWS_ENDPOINT = r"\\.\pipe\pmk"
@@ -244,30 +244,61 @@ class Switch(Kind):
         return value
 
 
+class Repeated(Kind):
+    """A list: a repeated flag, a comma list in the environment, a TOML list (or one value)."""
+
+    def one(self, text: str) -> Any:
+        """Parse one item; raise ValueError saying what is wrong."""
+        raise NotImplementedError
+
+    def one_toml(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def from_text(self, text: str) -> tuple[Any, ...]:
+        return self.check(tuple(self.one(item) for item in text.split(",") if item.strip()))
+
+    def from_toml(self, value: Any) -> tuple[Any, ...]:
+        return self.check(tuple(self.one_toml(item) for item in (value if isinstance(value, list) else [value])))
+
+
 @dataclass(frozen=True)
-class IdList(Kind):
-    """User or group ids: a repeated flag, a comma list in the environment, a TOML list."""
+class IdList(Repeated):
+    """User or group ids."""
 
     def metavar(self) -> str:
         return "ID"
-
-    def from_text(self, text: str) -> tuple[int, ...]:
-        return tuple(self.one(item) for item in text.split(",") if item.strip())
 
     def one(self, text: str) -> int:
         try:
             value = int(text.strip())
         except ValueError:
             raise ValueError(f"{text.strip()!r} is not a numeric id") from None
-        if value < 0:
-            raise ValueError(f"{value} is not a valid id")
+        return self.one_toml(value)
+
+    def one_toml(self, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{value!r} is not a numeric id")
         return value
 
-    def from_toml(self, value: Any) -> tuple[int, ...]:
-        items = value if isinstance(value, list) else [value]
-        if not all(isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in items):
-            raise ValueError(f"{value!r} is not a list of numeric ids")
-        return tuple(items)
+
+@dataclass(frozen=True)
+class Targets(Repeated):
+    """Reroute targets ``ADDR:PORT`` / ``[ADDR6]:PORT``, at most one per IP version."""
+
+    def metavar(self) -> str:
+        return "ADDR:PORT"
+
+    def one(self, text: str) -> Target:
+        return Target.parse(text.strip())
+
+    def one_toml(self, value: Any) -> Target:
+        return Target.parse(value)
+
+    def check(self, value: tuple[Target, ...]) -> tuple[Target, ...]:
+        versions = [len(target.ip) for target in value]
+        if len(versions) != len(set(versions)):
+            raise ValueError(f"at most one target per IP version ({', '.join(map(str, value))})")
+        return value
 
 
 def _check_scope(text: str) -> object:
@@ -314,7 +345,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("policy", Text("FILE"), "", "fallback policy file (default: the shipped policy)", "policy_file"),
     Option(
         "default-verdict",
-        Choice(tuple(v.value for v in Verdict)),
+        Choice(tuple(v.value for v in Verdict if v in FILTER_VERDICTS)),
         None,
         "shorthand for a policy with only this default (not with --policy)",
     ),
@@ -345,5 +376,9 @@ OPTIONS: tuple[Option, ...] = (
         "divert_ring_bytes",
     ),
     Option("divert-queue-len", Integer(0), 0, "divert: driver queue length, 0 = library default", "divert_queue_len"),
+    Option(
+        "nameserver", Targets(), (), "where reroute_to_nameserver goes, one per IP version (repeatable)", "nameservers"
+    ),
+    Option("tunnel", Targets(), (), "where reroute_to_tunnel goes, one per IP version (repeatable)", "tunnels"),
     Option("log-level", Choice(LOG_LEVELS), DEFAULT_LOG_LEVEL, "log threshold", "log_level"),
 )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmk.config import OPTIONS, IdList, ServeConfig, Switch, platform_endpoint
+from pmk.config import OPTIONS, Repeated, ServeConfig, Switch, platform_endpoint
 from pmk.core.policy import Policy, default_only, load_policy, shipped_policy
 from pmk.errors import UsageError
 from pmk.verdicts import Verdict
@@ -40,7 +40,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 option.flag, dest=option.dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
-        elif isinstance(kind, IdList):
+        elif isinstance(kind, Repeated):
             parser.add_argument(
                 option.flag,
                 dest=option.dest,
@@ -106,8 +106,14 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Layered:
             errors.append(f"{option.env}={text}: {error}")
     for option in OPTIONS:
         value = getattr(args, option.dest, None)
+        if isinstance(value, list):  # a repeated flag: check the items together
+            try:
+                value = option.kind.check(tuple(value))
+            except ValueError as error:
+                errors.append(f"{option.flag}: {error}")
+                continue
         if value is not None:
-            values[option.name] = (tuple(value) if isinstance(value, list) else value, option.flag)
+            values[option.name] = (value, option.flag)
     config = ServeConfig(endpoint=platform_endpoint())  # PMK_PIPE is read above, like every variable
     for name, (value, _) in values.items():
         attribute = _BY_NAME[name].attribute

@@ -23,7 +23,7 @@ from pmk.cli import build_parser
 from pmk.config import OPTIONS, ServeConfig, platform_endpoint
 from pmk.config_layers import CONFIG_ENV, resolve
 from pmk.errors import UsageError
-from pmk.verdicts import Verdict
+from pmk.verdicts import Target, Verdict
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_POLICY = """
@@ -71,6 +71,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], status: int,
         (["--default-verdict", "reject"], "--default-verdict: 'reject' is not one of accept, block, drop"),
         (["--capture", "pcap"], "--capture: 'pcap' is not one of auto, divert, nfqueue"),
         (["--allow-uid", "root"], "--allow-uid: 'root' is not a numeric id"),
+        (["--nameserver", "::1:53"], "--nameserver: target '::1:53': write an IPv6 address as [ADDR]:PORT"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )
@@ -127,6 +128,8 @@ def test_check_reports_environment_and_file_mistakes_together(tmp_path: Path) ->
     ("args", "env", "fragment"),
     [
         (["--policy", "/nonexistent/policy.toml"], {}, "cannot read policy /nonexistent/policy.toml"),
+        (["--tunnel", "10.0.0.1:1", "--tunnel", "10.0.0.2:1"], {}, "--tunnel: at most one target per IP version"),
+        ([], {"PMK_NAMESERVER": "10.0.0.1:53,10.0.0.2:53"}, "PMK_NAMESERVER=10.0.0.1:53,10.0.0.2:53: at most one"),
         (["--config", "/nonexistent/pmk.toml"], {}, "cannot read config /nonexistent/pmk.toml (--config)"),
         ([], {CONFIG_ENV: "/nonexistent/pmk.toml"}, "cannot read config /nonexistent/pmk.toml (PMK_CONFIG)"),
         (
@@ -220,6 +223,7 @@ def test_flag_beats_environment_beats_file_beats_default(
         assert result.sources["verdict-timeout"].startswith(source)
 
 
+T4, T6 = Target.parse("127.0.0.1:5353"), Target.parse("[::1]:5353")
 # For every option: a config file value, the same as text, and the ServeConfig value it gives.
 SAMPLES: dict[str, tuple[Any, str, Any]] = {
     "pipe": ("/tmp/x/pmk.sock", "/tmp/x/pmk.sock", "/tmp/x/pmk.sock"),
@@ -240,6 +244,8 @@ SAMPLES: dict[str, tuple[Any, str, Any]] = {
     "divert-wakeup-batches": (2, "2", 2),
     "ring-bytes": (0, "0", 0),
     "divert-queue-len": (100, "100", 100),
+    "nameserver": (["127.0.0.1:5353", "[::1]:5353"], "127.0.0.1:5353,[::1]:5353", (T4, T6)),
+    "tunnel": ("127.0.0.1:5353", "127.0.0.1:5353", (T4,)),
     "log-level": ("debug", "DEBUG", "debug"),
 }
 
