@@ -21,7 +21,7 @@ class Kind(enum.StrEnum):
     UNTYPED = "untyped"  # a number the table does not know
 
 
-class Group(enum.StrEnum):
+class StatGroup(enum.StrEnum):
     PACKETS = "packets"
     CACHE = "cache"
     REQUESTS = "requests"
@@ -38,7 +38,7 @@ class Stat:
 
     key: str
     kind: Kind
-    group: Group
+    group: StatGroup
     help: str
     #: For a key whose value is a map (``policy_hits``): the label its keys become.
     label: str = ""
@@ -48,13 +48,13 @@ class Stat:
 
 C, G = Kind.COUNTER, Kind.GAUGE
 _P, _K, _R, _CL, _PO, _B, _S = (
-    Group.PACKETS,
-    Group.CACHE,
-    Group.REQUESTS,
-    Group.CLIENTS,
-    Group.POLICY,
-    Group.BACKEND,
-    Group.SERVER,
+    StatGroup.PACKETS,
+    StatGroup.CACHE,
+    StatGroup.REQUESTS,
+    StatGroup.CLIENTS,
+    StatGroup.POLICY,
+    StatGroup.BACKEND,
+    StatGroup.SERVER,
 )
 
 #: Every key pmk's server is known to report (protocol/SPEC.md, get_stats), in display order.
@@ -107,7 +107,7 @@ STATS: tuple[Stat, ...] = (
 
 _BY_KEY: dict[str, Stat] = {stat.key: stat for stat in STATS}
 #: Families of keys named by prefix: (prefix, kind, group, help with {} for the rest of the key).
-_PREFIXES: tuple[tuple[str, Kind, Group, str], ...] = (
+_PREFIXES: tuple[tuple[str, Kind, StatGroup, str], ...] = (
     ("default_", C, _PO, "requests given the default verdict because: {}"),
     ("divert_", C, _B, "divert driver counter {}"),
     ("nfqueue_", C, _B, "nfqueue backend's own count of {}"),
@@ -126,7 +126,7 @@ def describe(key: str) -> Stat:
     for prefix, kind, group, text in _PREFIXES:
         if key.startswith(prefix):
             return Stat(key, kind, group, text.format(key[len(prefix) :]))
-    return Stat(key, Kind.UNTYPED, Group.OTHER, f"{key} (not described by this pmk)")
+    return Stat(key, Kind.UNTYPED, StatGroup.OTHER, f"{key} (not described by this pmk)")
 
 
 def numbers(stats: Mapping[str, Any]) -> dict[str, float]:
