@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -66,11 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--divert-queue-len", type=int, default=0, help="divert: driver queue length, 0 = default")
     serve.add_argument("--log-level", default="info")
 
-    stats = commands.add_parser("stats", help="print a running server's counters")
-    stats.add_argument("--pipe", default=None)
-    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
     from pmk import bench
+    from pmk.ui import stats_view, top
+
+    stats_view.add_parser(commands)
+    top.add_parser(commands)
 
     bench.add_parser(commands)
     return parser
@@ -132,33 +131,6 @@ async def serve(config: ServeConfig) -> int:
     return 0
 
 
-async def print_stats(path: str | None, as_json: bool) -> int:
-    from pmk.client import Client
-
-    client = await Client.connect(path)
-    try:
-        stats = await client.call("get_stats")
-    finally:
-        client.close()
-    if as_json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
-        return 0
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for name in sorted(stats):
-            print(f"{name:24} {stats[name]}")
-        return 0
-    table = Table(title="pmk")
-    table.add_column("counter")
-    table.add_column("value", justify="right")
-    for name in sorted(stats):
-        table.add_row(name, str(stats[name]))
-    Console().print(table)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pmk.loop import run
@@ -172,10 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pmk import bench
 
         return bench.run(args)
-    if args.command == "stats":
-        try:
-            return run(print_stats(args.pipe, args.json))
-        except OSError as error:
-            print(f"pmk stats: cannot reach pmk: {error}", file=sys.stderr)
-            return 1
+    if args.command in ("stats", "top"):
+        from pmk.ui import stats_view, top
+
+        return {"stats": stats_view.run, "top": top.run}[args.command](args)
     return 2

@@ -142,7 +142,7 @@ def render(stats: Mapping[str, Any], previous: Mapping[str, Any] | None = None, 
         + [f"{stats[key]} {key}" for key in TEXT_KEYS if isinstance(stats.get(key), str)]
         + ([f"rates over {seconds:.1f}s"] if watching else [])
     )
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    table = Table(title=Text(title), title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("stat")
     table.add_column("value", justify="right")
     if watching:
@@ -169,9 +169,9 @@ def render(stats: Mapping[str, Any], previous: Mapping[str, Any] | None = None, 
                 rows.setdefault(stat.group, []).append([*row, "total", f"{stat.help}: {label}"])
     order = {stat_group: index for index, stat_group in enumerate(StatGroup)}
     for stat_group in sorted(rows, key=order.__getitem__):
-        table.add_row(Text(stat_group.value, style="bold"), end_section=False)
+        table.add_row(Text(stat_group.value.capitalize(), style="bold"), end_section=False)
         for row in _in_catalog_order(rows[stat_group]):
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))  # Text: "policy_hits[ssh]" is not markup
         table.add_section()
     return Group(table, _clients_table(stats))
 
@@ -197,5 +197,5 @@ def _clients_table(stats: Mapping[str, Any]) -> RenderableType:
         for field in fields:
             value = entry.get(field.key)
             cells.append(_number(value) if isinstance(value, int | float) and not isinstance(value, bool) else "-")
-        table.add_row(*cells)
+        table.add_row(*(Text(cell) for cell in cells))
     return table
