@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import pmk
 from pmk import config as defaults
 from pmk.config import ServeConfig
+from pmk.errors import PmkError
 from pmk.verdicts import Verdict
 
 log = logging.getLogger("pmk")
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--divert-queue-len", type=int, default=0, help="divert: driver queue length, 0 = default")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", choices=("human", "json"), default="human", help="json: one object per line")
+    serve.add_argument("--metrics", metavar="ADDR:PORT", default="", help="serve Prometheus metrics (loopback)")
+    serve.add_argument("--metrics-public", action="store_true", help="allow --metrics on a non-loopback address")
 
     from pmk import bench
     from pmk.ui import stats_view, top
@@ -96,6 +100,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     )
     if args.pipe:
         config.endpoint = args.pipe
+    if args.metrics:
+        from pmk.metrics import parse_listen
+
+        parse_listen(args.metrics, args.metrics_public)  # a bad address fails before capture starts
+    config.metrics, config.metrics_public = args.metrics, args.metrics_public
     return config
 
 
@@ -117,6 +126,16 @@ async def serve(config: ServeConfig) -> int:
         log.error("cannot start: %s", error)
         backend.close()
         return 1
+    metrics = None
+    if config.metrics:
+        from pmk.metrics import start_metrics
+
+        try:
+            metrics = await start_metrics(config.metrics, server.stats, public=config.metrics_public)
+        except OSError as error:
+            log.error("cannot serve metrics on %s: %s", config.metrics, error)
+            await server.stop()
+            return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -127,18 +146,28 @@ async def serve(config: ServeConfig) -> int:
     print(f"pmk {pmk.__version__}: serving on {config.endpoint} ({backend.name} backend)", flush=True)
     await stop.wait()
     log.info("stopping")
+    if metrics is not None:
+        metrics.close()
     await server.stop()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except PmkError as error:  # one line a person can act on, never a traceback
+        print(f"pmk: {error}", file=sys.stderr)
+        return error.exit_status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from pmk.loop import run
 
     if args.command == "serve":
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
+        from pmk.logs import configure_logging
+
+        configure_logging(args.log_level, args.log_format)
         return run(serve(config_from_args(args)), need_pipes=True)
     if args.command == "bench":
         from pmk import bench

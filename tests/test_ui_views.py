@@ -163,7 +163,7 @@ def test_top_first_screen_has_totals_and_no_rates_yet() -> None:
     text = text_of(render(Snapshot(BASE, 10.0), None, []))
     assert text.startswith("pmk top · nfqueue backend · up 1m15s · 2 clients (1 deciding)")
     assert re.search(r"packets/s\s+…", text)
-    assert "since start" in text
+    assert "verdict mix (since start): accepted 90.9%  blocked 5.1%  dropped 4.0%  rerouted 0.0%" in text
     assert re.search(r"cache hit rate\s+80\.0%", text)
     assert "no connection_new events yet" in text
     assert "does not report per-client latency" in text
@@ -174,8 +174,7 @@ def test_top_rates_mix_and_cache_over_the_interval() -> None:
     text = text_of(render(Snapshot(now, 12.0), Snapshot(BASE, 10.0), []))
     assert re.search(r"packets/s\s+1,000", text)
     # 1500 accepted, 400 blocked, 100 dropped in the interval
-    assert "accepted 75.0%  blocked 20.0%  dropped 5.0%  rerouted 0.0%" in text
-    assert "last interval" in text
+    assert "verdict mix (last interval): accepted 75.0%  blocked 20.0%  dropped 5.0%  rerouted 0.0%" in text
     assert re.search(r"cache hit rate\s+90\.0%", text)  # 900 hits of 1000 lookups
     assert re.search(r"pending\s+5", text)
     assert re.search(r"evicted/s\s+0\.0 \(total 5\)", text)
@@ -183,8 +182,11 @@ def test_top_rates_mix_and_cache_over_the_interval() -> None:
 
 def test_top_new_connections_from_events_or_the_counter() -> None:
     seen = [Seen(event(id=i), 10.5 + i * 0.1, 0.0) for i in range(6)] + [Seen(event(), 9.0, 0.0)]
-    text = text_of(render(Snapshot(BASE, 12.0), Snapshot(BASE, 10.0), seen))
+    text = text_of(render(Snapshot(later(requests=170), 12.0), Snapshot(BASE, 10.0), seen))
     assert re.search(r"new connections/s\s+3\.0", text)  # 6 events in 2 seconds; the older one not
+    # a server that sends no events: its decide requests, one per connection asked about
+    text = text_of(render(Snapshot(later(requests=170), 12.0), Snapshot(BASE, 10.0), []))
+    assert re.search(r"new connections/s\s+10\.0", text)
     counted = render(Snapshot(later(connections_new=50), 12.0), Snapshot(later(connections_new=10), 10.0), seen)
     assert re.search(r"new connections/s\s+20\.0", text_of(counted))
 
@@ -244,3 +246,11 @@ def test_top_shows_deciders_latency_and_outstanding() -> None:
     cells = row(text, "blocklist")
     assert cells == ["blocklist", "decider", "7", "100", "0.8", "12.2"]
     assert row(text, "pmk top")[1:3] == ["observer", "0"]
+
+
+def test_top_fits_an_80_column_terminal_without_wrapping_labels() -> None:
+    text = text_of(render(Snapshot(BASE, 10.0), None, [Seen(event(), 1.0, 0.0)]), width=80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for label in ("packets/s", "new connections/s", "requests in flight", "waiting for a decider", "cache hit rate"):
+        assert label in text
+    assert "curl (4242)" in text

@@ -91,11 +91,13 @@ async def _top(path: str | None, interval: float, once: bool) -> int:
         if once:
             await asyncio.sleep(interval)
             previous, current = current, Snapshot(await client.call("get_stats"), time.monotonic())
-            console.print(render(current, previous, list(events), rows=_rows_for(console)))
+            console.print(render(current, previous, list(events), rows=_rows_for(console, current.stats)))
             return 0
         with Live(console=console, screen=True, auto_refresh=False) as live:
             while True:
-                live.update(render(current, previous, list(events), rows=_rows_for(console)), refresh=True)
+                live.update(
+                    render(current, previous, list(events), rows=_rows_for(console, current.stats)), refresh=True
+                )
                 await asyncio.sleep(interval)
                 previous, current = current, Snapshot(await client.call("get_stats"), time.monotonic())
     except (ConnectionClosed, RemoteError) as error:
@@ -104,9 +106,11 @@ async def _top(path: str | None, interval: float, once: bool) -> int:
         client.close()
 
 
-def _rows_for(console: Console) -> int:
-    """Connection rows that fit under the fixed part of the screen (about 22 lines)."""
-    return max(3, console.size.height - 24)
+def _rows_for(console: Console, stats: Mapping[str, Any]) -> int:
+    """Connection rows that fit under the rest of the screen (its lines counted by hand)."""
+    clients = len(client_list(stats))
+    fixed = 1 + 8 + (4 + clients if clients else 1) + 6  # header, traffic, clients, connection table's frame
+    return max(3, console.size.height - fixed)
 
 
 # -- the screen ---------------------------------------------------------------
@@ -141,13 +145,20 @@ def _header(stats: Mapping[str, Any]) -> Text:
 
 
 def _new_connections_per_second(current: Snapshot, previous: Snapshot | None, events: Sequence[Seen]) -> float | None:
-    """From the server's ``connections_new`` counter when it has one, else the events seen in the interval."""
+    """Decided connections per second, from the best source this server offers.
+
+    Its ``connections_new`` counter if it has one; else the ``connection_new``
+    events seen in the interval, once it has sent any; else its ``requests``
+    (one per connection asked about, so decisions by policy or cache are missed).
+    """
     if previous is None or current.at <= previous.at:
         return None
+    seconds = current.at - previous.at
     now, before = numbers(current.stats), numbers(previous.stats)
-    if "connections_new" in now and "connections_new" in before:
-        return max(0.0, now["connections_new"] - before["connections_new"]) / (current.at - previous.at)
-    return sum(1 for seen in events if previous.at < seen.at <= current.at) / (current.at - previous.at)
+    for key in ("connections_new", "requests"):
+        if key in now and key in before and (key != "requests" or not events):
+            return max(0.0, now[key] - before[key]) / seconds
+    return sum(1 for seen in events if previous.at < seen.at <= current.at) / seconds
 
 
 def _rate(value: float | None) -> str:
@@ -162,25 +173,21 @@ def _share(part: float, whole: float) -> str:
 
 def _traffic(
     stats: Mapping[str, Any], per_second: Mapping[str, float], watching: bool, new_connections: float | None
-) -> Table:
+) -> RenderableType:
     values = numbers(stats)
     # Over the last interval once there is one; since the start before that.
     basis = per_second if watching else values
-    span = "last interval" if watching else "since start"
     grid = Table(title="traffic", title_justify="left", show_header=False, box=None, pad_edge=False)
-    for _ in range(4):
-        grid.add_column()
-    grid.add_column(justify="right")
+    for _ in range(2):  # labels never wrap: values give way first on a narrow terminal
+        grid.add_column(no_wrap=True, style="dim")
+        grid.add_column(min_width=12)
+    hits, misses = basis.get("cache_hits", 0.0), basis.get("cache_misses", 0.0)
     grid.add_row(
         "packets/s",
         _rate(per_second.get("captured") if watching else None),
         "new connections/s",
         _rate(new_connections),
     )
-    settled = sum(basis.get(name, 0.0) for name in _OUTCOMES)
-    mix = "  ".join(f"{name} {_share(basis.get(name, 0.0), settled)}" for name in _OUTCOMES if name in values)
-    grid.add_row("verdict mix", mix or "-", "", "", span)
-    hits, misses = basis.get("cache_hits", 0.0), basis.get("cache_misses", 0.0)
     grid.add_row("cache hit rate", _share(hits, hits + misses), "pending", f"{values.get('pending', 0):,g}")
     for left, right in (("evicted", "bypassed"), ("defaulted", "timeouts")):
         grid.add_row(
@@ -195,7 +202,10 @@ def _traffic(
         "waiting for a decider",
         f"{values.get('waiting_for_decider', 0):,g}",
     )
-    return grid
+    settled = sum(basis.get(name, 0.0) for name in _OUTCOMES)
+    mix = "  ".join(f"{name} {_share(basis.get(name, 0.0), settled)}" for name in _OUTCOMES if name in values)
+    span = "last interval" if watching else "since start"
+    return Group(grid, Text(f"verdict mix ({span}): {mix or '-'}"))
 
 
 def _ms(value: Any) -> str:
@@ -251,7 +261,7 @@ def _process(event: Mapping[str, Any]) -> str:
 def _latest(events: Sequence[Seen], rows: int) -> Table:
     table = Table(title="latest connections", title_justify="left", pad_edge=False)
     for heading in ("time", "verdict", "by", "process", "dir", "proto", "peer"):
-        table.add_column(heading, no_wrap=heading != "process")
+        table.add_column(heading, no_wrap=heading not in ("by", "process", "peer"), overflow="fold")
     for seen in list(events)[-rows:][::-1]:
         event = seen.event
         verdict = str(event.get("verdict", "?"))
