@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import pmk
 from pmk import config as defaults
+from pmk import logs
 from pmk.config import ServeConfig
 from pmk.errors import PmkError
 from pmk.verdicts import Verdict
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--divert-queue-len", type=int, default=0, help="divert: driver queue length, 0 = default")
     serve.add_argument("--log-level", default="info")
-    serve.add_argument("--log-format", choices=("human", "json"), default="human", help="json: one object per line")
+    serve.add_argument("--log-format", choices=logs.FORMATS, default=logs.FORMATS[0], help="json: one object per line")
     serve.add_argument("--metrics", metavar="ADDR:PORT", default="", help="serve Prometheus metrics (loopback)")
     serve.add_argument("--metrics-public", action="store_true", help="allow --metrics on a non-loopback address")
 
@@ -165,9 +166,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from pmk.loop import run
 
     if args.command == "serve":
-        from pmk.logs import configure_logging
-
-        configure_logging(args.log_level, args.log_format)
+        logs.configure_logging(args.log_level, args.log_format)
         return run(serve(config_from_args(args)), need_pipes=True)
     if args.command == "bench":
         from pmk import bench

@@ -21,6 +21,7 @@ from typing import IO, Any
 
 from pmk.errors import UsageError
 
+#: The first is the default.
 FORMATS = ("human", "json")
 LEVELS = ("debug", "info", "warning", "error", "critical")
 _HUMAN = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -69,7 +70,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def configure_logging(level: str, fmt: str = "human", stream: IO[str] | None = None) -> None:
+def configure_logging(level: str, fmt: str, stream: IO[str] | None = None) -> None:
     """Send every log record at ``level`` and above to ``stream`` (stderr) in format ``fmt``."""
     if level.lower() not in LEVELS:
         raise UsageError(f"--log-level {level!r}: expected one of {', '.join(LEVELS)}")
