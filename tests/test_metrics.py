@@ -131,3 +131,25 @@ async def test_a_failing_stats_function_answers_500_and_the_server_keeps_serving
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_idle_connections_are_bounded_and_time_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pmk.metrics
+
+    monkeypatch.setattr(pmk.metrics, "_REQUEST_SECONDS", 0.5)
+    server = await start_metrics("127.0.0.1:0", lambda: SNAPSHOT)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(pmk.metrics._MAX_CONNECTIONS)]
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 0.4) == b""  # turned away at once
+        writer.close()
+        # the idle ones are cut off after the request timeout, and scrapes work again
+        for idle_reader, idle_writer in idle:
+            assert await asyncio.wait_for(idle_reader.read(), 2) == b""
+            idle_writer.close()
+        assert (await _get(port, b"GET /metrics HTTP/1.1\r\n\r\n"))[0] == "HTTP/1.1 200 OK"
+    finally:
+        server.close()
+        await server.wait_closed()
