@@ -123,7 +123,8 @@ def test_stats_lists_connected_clients_when_the_server_reports_them() -> None:
 
 def test_stats_prometheus_and_json_formats() -> None:
     assert "pmk_captured_total 1000.0" in stats_view._format(BASE, "prometheus", None, 0)
-    assert stats_view._format(BASE, "json", None, 0).startswith('{"accepted": 900')
+    assert stats_view._format(BASE, "json", None, 0).startswith('{\n  "accepted": 900')
+    assert stats_view._format(BASE, "json", None, 0, one_line=True).startswith('{"accepted": 900')
 
 
 def test_output_file_is_replaced_whole(tmp_path: Any) -> None:

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _stats_loop(path: str | None, fmt: str, watch: float | None, output: str | None) -> int:
-    from pmk.client import Client, ConnectionClosed
+    from pmk.client import Client, ConnectionClosed, RemoteError
 
     try:
         client = await Client.connect(path)
@@ -74,10 +74,10 @@ async def _stats_loop(path: str | None, fmt: str, watch: float | None, output: s
         while True:
             try:
                 stats = await client.call("get_stats")
-            except ConnectionClosed:
-                raise PmkError("pmk closed the connection") from None
+            except (ConnectionClosed, RemoteError) as error:
+                raise PmkError(f"get_stats failed: {error}") from None
             now = time.monotonic()
-            text = _format(stats, fmt, previous, now - taken)
+            text = _format(stats, fmt, previous, now - taken, one_line=watch is not None)
             if output is not None:
                 _write_atomically(output, text if isinstance(text, str) else _plain(text))
             elif isinstance(text, str):
@@ -95,9 +95,12 @@ async def _stats_loop(path: str | None, fmt: str, watch: float | None, output: s
         client.close()
 
 
-def _format(stats: dict[str, Any], fmt: str, previous: dict[str, Any] | None, seconds: float) -> str | RenderableType:
+def _format(
+    stats: dict[str, Any], fmt: str, previous: dict[str, Any] | None, seconds: float, one_line: bool = False
+) -> str | RenderableType:
+    """The text (json, prometheus) or table of one snapshot; ``one_line``: JSON lines when watching."""
     if fmt == "json":
-        return json.dumps(stats, sort_keys=True) + "\n"
+        return json.dumps(stats, sort_keys=True, indent=None if one_line else 2) + "\n"
     if fmt == "prometheus":
         from pmk.metrics import exposition
 
