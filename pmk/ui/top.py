@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -162,6 +163,7 @@ def _new_connections_per_second(current: Snapshot, previous: Snapshot | None, ev
 
 
 def _rate(value: float | None) -> str:
+    """``…`` before there is an interval to measure."""
     if value is None:
         return "…"
     return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
@@ -175,6 +177,10 @@ def _traffic(
     stats: Mapping[str, Any], per_second: Mapping[str, float], watching: bool, new_connections: float | None
 ) -> RenderableType:
     values = numbers(stats)
+
+    def per_s(name: str) -> str:  # "-": a counter this server does not have (or it restarted)
+        return _rate(per_second[name]) if name in per_second else "-" if watching else "…"
+
     # Over the last interval once there is one; since the start before that.
     basis = per_second if watching else values
     grid = Table(title="traffic", title_justify="left", show_header=False, box=None, pad_edge=False)
@@ -184,7 +190,7 @@ def _traffic(
     hits, misses = basis.get("cache_hits", 0.0), basis.get("cache_misses", 0.0)
     grid.add_row(
         "packets/s",
-        _rate(per_second.get("captured") if watching else None),
+        per_s("captured"),
         "new connections/s",
         _rate(new_connections),
     )
@@ -192,9 +198,9 @@ def _traffic(
     for left, right in (("evicted", "bypassed"), ("defaulted", "timeouts")):
         grid.add_row(
             f"{left}/s",
-            f"{_rate(per_second.get(left) if watching else None)} (total {values.get(left, 0):,g})",
+            f"{per_s(left)} (total {values.get(left, 0):,g})",
             f"{right}/s",
-            f"{_rate(per_second.get(right) if watching else None)} (total {values.get(right, 0):,g})",
+            f"{per_s(right)} (total {values.get(right, 0):,g})",
         )
     grid.add_row(
         "requests in flight",
@@ -218,7 +224,7 @@ def _deciders(current: Snapshot, previous: Snapshot | None) -> RenderableType:
         return Text("deciders: this server does not report per-client latency or outstanding requests", style="dim")
     before = {entry.get("id"): entry for entry in client_list(previous.stats)} if previous else {}
     seconds = current.at - previous.at if previous else 0.0
-    table = Table(title="clients", title_justify="left", pad_edge=False)
+    table = Table(title="clients", title_justify="left", pad_edge=False, box=box.SIMPLE_HEAD)
     for heading, justify in (
         ("name", "left"),
         ("role", "left"),
@@ -259,14 +265,13 @@ def _process(event: Mapping[str, Any]) -> str:
 
 
 def _latest(events: Sequence[Seen], rows: int) -> Table:
-    table = Table(title="latest connections", title_justify="left", pad_edge=False)
+    table = Table(title="latest connections", title_justify="left", pad_edge=False, box=box.SIMPLE_HEAD)
     for heading in ("time", "verdict", "by", "process", "dir", "proto", "peer"):
-        table.add_column(heading, no_wrap=heading not in ("by", "process", "peer"), overflow="fold")
+        # Long values (an IPv6 peer, a decider's name) fold; the short ones never break.
+        table.add_column(heading, no_wrap=heading in ("time", "dir", "proto"), overflow="fold")
     for seen in list(events)[-rows:][::-1]:
         event = seen.event
         verdict = str(event.get("verdict", "?"))
-        if event.get("to"):
-            verdict += f" → {event['to']}"
         by = str(event.get("by", ""))
         if event.get("name"):
             by += f": {event['name']}"
@@ -274,6 +279,8 @@ def _latest(events: Sequence[Seen], rows: int) -> Table:
         peer = _endpoint(event.get("remote_ip"), event.get("remote_port"))
         if not outbound and event.get("local_port"):
             peer += f" → :{event['local_port']}"
+        if event.get("to"):
+            peer += f" ⇒ {event['to']}"  # where a reroute or redirect sent it
         table.add_row(
             time.strftime("%H:%M:%S", time.localtime(seen.wall)),
             Text(
