@@ -73,6 +73,7 @@ STATS: tuple[Stat, ...] = (
     Stat("cache_misses", C, _K, "packets not found in the verdict cache"),
     Stat("verdict_cache_entries", G, _K, "connections with a cached verdict"),
     Stat("verdict_cache_evictions", C, _K, "cached verdicts evicted to make room"),
+    Stat("connections_new", C, _R, "decisions sent to observers as connection_new"),
     Stat("requests", C, _R, "decide requests made (one per connection)"),
     Stat("timeouts", C, _R, "decide requests that got no answer in time"),
     Stat("withdrawn", C, _R, "decide requests withdrawn"),
