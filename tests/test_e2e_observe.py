@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 import subprocess
-import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -79,14 +79,14 @@ async def test_metrics_refuses_a_public_address_before_capturing(backend: str) -
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None and not os.environ.get("CI"), reason="tmux is not installed")
-async def test_pmk_top_in_a_terminal(backend: str) -> None:
+async def test_pmk_top_in_a_terminal(backend: str, tmp_path: Path) -> None:
     """What a person sees: run ``pmk top`` in tmux and read the screen while connections come."""
     async with Testbed(backend, ["tcp:7312"]) as bed:
         await bed.decider(lambda info: Decision("accept", permanent=True))
         watcher = await bed.server.connect("test-observer")  # to learn whether this pmk sends events
         events: list[Any] = []
         watcher.on_notification = lambda n: events.append(n) if n.method == "connection_new" else None
-        tmux = ["tmux", "-L", f"pmk-test-{uuid.uuid4().hex[:8]}"]
+        tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]  # a private tmux server, gone with tmp_path
         # pytest exports COLUMNS and LINES; rich would believe them over the terminal
         command = f"env -u COLUMNS -u LINES {PYTHON} -m pmk top --pipe {bed.server.path} --interval 0.5"
         subprocess.run([*tmux, "new-session", "-d", "-x", "130", "-y", "50", "-c", str(REPO), command], check=True)
