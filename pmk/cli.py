@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -12,7 +11,9 @@ from collections.abc import Sequence
 
 import pmk
 from pmk import config as defaults
+from pmk import logs
 from pmk.config import ServeConfig
+from pmk.errors import PmkError
 from pmk.verdicts import Verdict
 
 log = logging.getLogger("pmk")
@@ -65,12 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--divert-queue-len", type=int, default=0, help="divert: driver queue length, 0 = default")
     serve.add_argument("--log-level", default="info")
-
-    stats = commands.add_parser("stats", help="print a running server's counters")
-    stats.add_argument("--pipe", default=None)
-    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    serve.add_argument("--log-format", choices=logs.FORMATS, default=logs.FORMATS[0], help="json: one object per line")
+    serve.add_argument("--metrics", metavar="ADDR:PORT", default="", help="serve Prometheus metrics (loopback)")
+    serve.add_argument("--metrics-public", action="store_true", help="allow --metrics on a non-loopback address")
 
     from pmk import bench
+    from pmk.ui import stats_view, top
+
+    stats_view.add_parser(commands)
+    top.add_parser(commands)
 
     bench.add_parser(commands)
     return parser
@@ -97,6 +101,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     )
     if args.pipe:
         config.endpoint = args.pipe
+    if args.metrics:
+        from pmk.metrics import parse_listen
+
+        parse_listen(args.metrics, args.metrics_public)  # a bad address fails before capture starts
+    config.metrics, config.metrics_public = args.metrics, args.metrics_public
     return config
 
 
@@ -118,6 +127,16 @@ async def serve(config: ServeConfig) -> int:
         log.error("cannot start: %s", error)
         backend.close()
         return 1
+    metrics = None
+    if config.metrics:
+        from pmk.metrics import start_metrics
+
+        try:
+            metrics = await start_metrics(config.metrics, server.stats, public=config.metrics_public)
+        except OSError as error:
+            log.error("cannot serve metrics on %s: %s", config.metrics, error)
+            await server.stop()
+            return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -128,54 +147,33 @@ async def serve(config: ServeConfig) -> int:
     print(f"pmk {pmk.__version__}: serving on {config.endpoint} ({backend.name} backend)", flush=True)
     await stop.wait()
     log.info("stopping")
+    if metrics is not None:
+        metrics.close()
     await server.stop()
     return 0
 
 
-async def print_stats(path: str | None, as_json: bool) -> int:
-    from pmk.client import Client
-
-    client = await Client.connect(path)
-    try:
-        stats = await client.call("get_stats")
-    finally:
-        client.close()
-    if as_json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
-        return 0
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for name in sorted(stats):
-            print(f"{name:24} {stats[name]}")
-        return 0
-    table = Table(title="pmk")
-    table.add_column("counter")
-    table.add_column("value", justify="right")
-    for name in sorted(stats):
-        table.add_row(name, str(stats[name]))
-    Console().print(table)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except PmkError as error:  # one line a person can act on, never a traceback
+        print(f"pmk: {error}", file=sys.stderr)
+        return error.exit_status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from pmk.loop import run
 
     if args.command == "serve":
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
+        logs.configure_logging(args.log_level, args.log_format)
         return run(serve(config_from_args(args)), need_pipes=True)
     if args.command == "bench":
         from pmk import bench
 
         return bench.run(args)
-    if args.command == "stats":
-        try:
-            return run(print_stats(args.pipe, args.json))
-        except OSError as error:
-            print(f"pmk stats: cannot reach pmk: {error}", file=sys.stderr)
-            return 1
+    if args.command in ("stats", "top"):
+        from pmk.ui import stats_view, top
+
+        return {"stats": stats_view.run, "top": top.run}[args.command](args)
     return 2

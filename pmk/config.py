@@ -83,3 +83,7 @@ class ServeConfig:
     nameservers: tuple[Target, ...] = ()
     #: reroute_to_tunnel targets (``--tunnel ADDR:PORT``), at most one per IP version.
     tunnels: tuple[Target, ...] = ()
+    #: "ADDR:PORT" to serve Prometheus metrics on; empty: none.
+    metrics: str = ""
+    #: Whether ``metrics`` may be a non-loopback address.
+    metrics_public: bool = False
