@@ -1,10 +1,9 @@
-"""``pmk serve``, ``pmk stats``: the command line."""
+"""``pmk serve``, ``pmk stats``, ``pmk top``: the command line."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -13,8 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 import pmk
-from pmk import config_layers
-from pmk.config import ServeConfig, default_endpoint
+from pmk import config_layers, logs
+from pmk.config import ServeConfig
 from pmk.core.policy import load_policy
 from pmk.errors import EXIT_USAGE, PmkError, UsageError
 
@@ -47,12 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_layers.add_options(serve)
 
-    stats = commands.add_parser("stats", help="print a running server's counters")
-    stats.add_argument("--pipe", default=None)
-    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
     from pmk import bench
+    from pmk.ui import stats_view, top
 
+    stats_view.add_parser(commands)
+    top.add_parser(commands)
     bench.add_parser(commands)
     return parser
 
@@ -88,10 +86,21 @@ async def serve(config: ServeConfig) -> int:
     except (EndpointError, OSError, ImportError, RulesError) as error:  # ImportError: no NFQUEUE bindings
         backend.close()
         raise PmkError(f"cannot start: {_why(error)}") from None
+    metrics = None
+    if config.metrics:
+        from pmk.metrics import start_metrics
+
+        try:
+            metrics = await start_metrics(config.metrics, server.stats, public=config.metrics_public)
+        except OSError as error:
+            await server.stop()
+            raise PmkError(f"cannot serve metrics on {config.metrics}: {_why(error)}") from None
     log.info("%s", config.policy.summary())
     print(f"pmk {pmk.__version__}: serving on {config.endpoint} ({backend.name} backend)", flush=True)
     await stop.wait()
     log.info("stopping")
+    if metrics is not None:
+        metrics.close()
     await server.stop()
     return 0
 
@@ -122,41 +131,6 @@ def reload_policy(server: Server, config: ServeConfig) -> None:
     log.info("SIGHUP: reloaded %s", policy.summary())
 
 
-async def print_stats(path: str | None, as_json: bool) -> int:
-    from pmk.client import Client, RemoteError
-
-    where = path or default_endpoint()
-    try:
-        client = await Client.connect(path)
-    except OSError as error:
-        raise PmkError(f"cannot reach pmk at {where}: {error.strerror or error}") from None
-    try:
-        stats = await client.call("get_stats")
-    except RemoteError as error:
-        raise PmkError(f"pmk at {where} answered get_stats with an error: {error}") from None
-    except ConnectionError as error:
-        raise PmkError(f"pmk at {where} closed the connection: {error}") from None
-    finally:
-        client.close()
-    if as_json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
-        return 0
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        for name in sorted(stats):
-            print(f"{name:24} {stats[name]}")
-        return 0
-    table = Table(title="pmk")
-    table.add_column("counter")
-    table.add_column("value", justify="right")
-    for name in sorted(stats):
-        table.add_row(name, str(stats[name]))
-    Console().print(table)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a PmkError ends it with one line per message line on stderr and its status."""
     args = build_parser().parse_args(argv)
@@ -177,14 +151,14 @@ def _run(args: argparse.Namespace) -> int:
             print(f"pmk: {layered.summary()}")
             return 0
         config = layered.config
-        logging.basicConfig(
-            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-        )
+        logs.configure_logging(config.log_level, config.log_format)
         return run(serve(config), need_pipes=True)
     if args.command == "bench":
         from pmk import bench
 
         return bench.run(args)
-    if args.command == "stats":
-        return run(print_stats(args.pipe, args.json))
+    if args.command in ("stats", "top"):
+        from pmk.ui import stats_view, top
+
+        return {"stats": stats_view.run, "top": top.run}[args.command](args)
     return 2

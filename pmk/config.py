@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pmk.core.policy import Policy, default_only
+from pmk.logs import FORMATS
 from pmk.verdicts import FILTER_VERDICTS, Target, Verdict
 
 POSIX_ENDPOINT = "/run/pmk/pmk.sock"
@@ -110,6 +111,11 @@ class ServeConfig:
     #: reroute_to_tunnel targets (``--tunnel ADDR:PORT``), at most one per IP version.
     tunnels: tuple[Target, ...] = ()
     log_level: str = DEFAULT_LOG_LEVEL
+    log_format: str = FORMATS[0]
+    #: "ADDR:PORT" to serve Prometheus metrics on; empty: none.
+    metrics: str = ""
+    #: Whether ``metrics`` may be a non-loopback address.
+    metrics_public: bool = False
 
 
 # -- the option table -----------------------------------------------------------------------
@@ -307,6 +313,17 @@ def _check_scope(text: str) -> object:
     return parse_match(text)
 
 
+def _check_metrics(text: str) -> object:
+    """The address's form; whether it may be non-loopback depends on metrics-public (config_layers)."""
+    from pmk.errors import UsageError
+    from pmk.metrics import parse_listen  # the metrics server owns the syntax
+
+    try:
+        return parse_listen(text, public=True)
+    except UsageError as error:  # the caller names the flag, variable or file key itself
+        raise ValueError(str(error).removeprefix("--metrics ")) from None
+
+
 @dataclass(frozen=True)
 class Option:
     """One ``serve`` option; flag, environment variable and file key derive from ``name``."""
@@ -381,4 +398,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("tunnel", Targets(), (), "where reroute_to_tunnel goes, one per IP version (repeatable)", "tunnels"),
     Option("log-level", Choice(LOG_LEVELS), DEFAULT_LOG_LEVEL, "log threshold", "log_level"),
+    Option("log-format", Choice(FORMATS), FORMATS[0], "json: one object per line", "log_format"),
+    Option(
+        "metrics",
+        Text("ADDR:PORT", _check_metrics),
+        "",
+        "serve Prometheus metrics at http://ADDR:PORT/metrics (loopback only without --metrics-public)",
+        "metrics",
+    ),
+    Option("metrics-public", Switch(), False, "allow --metrics on a non-loopback address", "metrics_public"),
 )

@@ -123,6 +123,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Layered:
         config.policy = _policy(values)
     except UsageError as error:
         errors += str(error).splitlines()
+    if config.metrics and not config.metrics_public:
+        errors += _metrics_refused(config.metrics, values["metrics"][1])
     if errors:
         raise UsageError("\n".join(errors))
     config.default_verdict = config.policy.default.verdict
@@ -159,6 +161,17 @@ def _read_file(path: str, named_by: str, values: dict[str, tuple[Any, str]], err
 
 def _via(source: str) -> str:
     return "" if source.startswith("--") else f" (from {source})"
+
+
+def _metrics_refused(address: str, source: str) -> list[str]:
+    """The error for a non-loopback ``--metrics`` without ``--metrics-public`` (the form is checked already)."""
+    from pmk.metrics import parse_listen
+
+    try:
+        parse_listen(address, public=False)
+    except UsageError as error:
+        return [f"{error}{_via(source)}"]
+    return []
 
 
 def _policy(values: dict[str, tuple[Any, str]]) -> Policy:

@@ -72,6 +72,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], status: int,
         (["--capture", "pcap"], "--capture: 'pcap' is not one of auto, divert, nfqueue"),
         (["--allow-uid", "root"], "--allow-uid: 'root' is not a numeric id"),
         (["--nameserver", "::1:53"], "--nameserver: target '::1:53': write an IPv6 address as [ADDR]:PORT"),
+        (["--log-format", "xml"], "--log-format: 'xml' is not one of human, json"),
+        (["--metrics", "9477"], "--metrics: '9477': expected ADDR:PORT"),
+        (["--metrics", "example.org:9477"], "--metrics: 'example.org:9477': 'example.org' is not an IP address"),
+        (["--metrics-public", "yes"], "unrecognized arguments: yes"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )
@@ -142,6 +146,14 @@ def test_check_reports_environment_and_file_mistakes_together(tmp_path: Path) ->
             {"PMK_DEFAULT_VERDICT": "accept"},
             "--default-verdict (from PMK_DEFAULT_VERDICT) and --policy exclude each other",
         ),
+        (["--metrics", "10.0.0.1:9477"], {}, "--metrics 10.0.0.1:9477: not a loopback address; add --metrics-public"),
+        ([], {"PMK_METRICS": "10.0.0.1:9477"}, "add --metrics-public to serve it to the network (from PMK_METRICS)"),
+        ([], {"PMK_METRICS": "nowhere"}, "PMK_METRICS=nowhere: 'nowhere': expected ADDR:PORT"),
+        (
+            ["--metrics", "10.0.0.1:9477", "--metrics-public"],
+            {"PMK_METRICS_PUBLIC": "maybe"},
+            "PMK_METRICS_PUBLIC=maybe",
+        ),
     ],
 )
 def test_a_bad_setting_outside_the_flags_is_one_line_and_status_2(
@@ -179,7 +191,7 @@ async def test_stats_with_a_server_error_is_one_line_and_status_1() -> None:
     finally:
         server.close()
     result = subprocess.CompletedProcess([], process.returncode or 0, stdout.decode(), stderr.decode())
-    assert_one_line_error(result, 1, f"pmk: pmk at {path} answered get_stats with an error: out of sorts")
+    assert_one_line_error(result, 1, "pmk: get_stats failed: ", "out of sorts")
 
 
 # -- layering: flag > environment > config file > default ------------------------------------
@@ -247,6 +259,9 @@ SAMPLES: dict[str, tuple[Any, str, Any]] = {
     "nameserver": (["127.0.0.1:5353", "[::1]:5353"], "127.0.0.1:5353,[::1]:5353", (T4, T6)),
     "tunnel": ("127.0.0.1:5353", "127.0.0.1:5353", (T4,)),
     "log-level": ("debug", "DEBUG", "debug"),
+    "log-format": ("json", "JSON", "json"),
+    "metrics": ("[::1]:9477", "[::1]:9477", "[::1]:9477"),
+    "metrics-public": (True, "on", True),
 }
 
 
@@ -271,6 +286,14 @@ def test_every_option_is_read_from_file_environment_and_flag(tmp_path: Path, opt
 
 def test_the_endpoint_keeps_its_old_variable_name() -> None:
     assert layered([], {"PMK_PIPE": "/tmp/p.sock"}).config.endpoint == "/tmp/p.sock"
+
+
+def test_metrics_public_admits_a_non_loopback_address_from_any_layer(tmp_path: Path) -> None:
+    file = 'metrics = "0.0.0.0:9477"\n'
+    assert layered(["--metrics-public"], {}, file, tmp_path).config.metrics == "0.0.0.0:9477"
+    assert layered([], {"PMK_METRICS_PUBLIC": "1"}, file, tmp_path).config.metrics_public is True
+    with pytest.raises(UsageError, match="not a loopback address"):
+        layered(["--no-metrics-public"], {"PMK_METRICS_PUBLIC": "1"}, file, tmp_path)
 
 
 def test_a_switch_set_in_the_file_can_be_turned_off_by_a_flag(tmp_path: Path) -> None:
