@@ -1,0 +1,640 @@
+"""Connection ends and byte counts from the kernel's connection tracking (ctnetlink).
+
+On the nfqueue backend a decided connection never reaches Python again: its
+verdict lives in the conntrack mark. So pmk learns that it ended from the
+kernel's conntrack DESTROY events and what it carried from the kernel's
+accounting counters (``net.netfilter.nf_conntrack_acct``, switched on by
+``enable_accounting``; connections made before that have no counters and
+report 0).
+
+Spoken directly over AF_NETLINK with ``struct``, like ``pmk.host.sockdiag``:
+pyroute2 has no event subscription of its own and its message decoder costs
+tens of times more per event (the burst measurement in README's "Connection
+ends" section). Only pmk's connections are delivered: a classic BPF filter
+on the socket drops, in the kernel and before they count against the
+receive buffer, the events of connections without pmk's mark bits (the
+kernel finds the mark attribute with the ``SKF_AD_NLATTR`` extension).
+
+Which side is local: the conntrack entry does not say which host began the
+connection, so ``LocalAddresses`` keeps this host's addresses (from rtnetlink,
+updated on every new address) and a connection whose original source is one
+of them is outbound; every other one is inbound. Loopback connections are
+outbound, as the nfqueue backend decides them at their first (OUTPUT) packet.
+Addresses are never forgotten while pmk runs, so a connection from an address
+removed before it ended is still placed right.
+
+Keys follow what pmk decided on: an outbound connection is keyed by its
+original tuple (the application's view, before any DNAT of a reroute); an
+inbound one by its original source and its reply source (the address the
+connection reached after any PREROUTING DNAT, as INPUT saw it).
+
+Lost events: when the receive buffer overflows the kernel drops events and
+the next read fails with ENOBUFS. They are counted (``conntrack_events_lost``
+counts overflows, each losing one or more events), logged at most once a
+second, and never retried: the verdicts of the connections they ended stay
+in the verdict cache until LRU evicts them, and they get no
+``connection_end``. ``dump_marked`` tells which marked connections are
+still there, for a caller that wants to reconcile after a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+from pmk.errors import PmkError
+from pmk.packet.parse import PORT_PROTOCOLS
+from pmk.verdicts import ConnKey
+
+log = logging.getLogger(__name__)
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
+IPCTNL_MSG_CT_DELETE = 2
+#: nfnetlink multicast group of conntrack DESTROY events.
+NFNLGRP_CONNTRACK_DESTROY = 3
+NLM_F_REQUEST = 0x01
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+
+# ctnetlink attributes (linux/netfilter/nfnetlink_conntrack.h).
+CTA_TUPLE_ORIG = 1
+CTA_TUPLE_REPLY = 2
+CTA_MARK = 8
+CTA_COUNTERS_ORIG = 9
+CTA_COUNTERS_REPLY = 10
+CTA_MARK_MASK = 21
+CTA_TUPLE_IP = 1
+CTA_TUPLE_PROTO = 2
+CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
+CTA_COUNTERS_PACKETS, CTA_COUNTERS_BYTES, CTA_COUNTERS32_PACKETS, CTA_COUNTERS32_BYTES = 1, 2, 3, 4
+_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED and NLA_F_NET_BYTEORDER
+
+# rtnetlink, for this host's addresses.
+RTM_NEWADDR = 20
+RTM_GETADDR = 22
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
+
+#: Receive buffer of the event socket (the kernel doubles it for its overhead):
+#: about 16k buffered events, room for a burst of that many ends between reads.
+DEFAULT_EVENT_RCVBUF = 8 << 20
+#: At most this many events are read per wake-up, so a flood of ends cannot
+#: keep the event loop from packets and clients; the rest wait for the next.
+EVENTS_PER_WAKEUP = 4096
+#: Lost-event warnings: at most one per this many seconds.
+LOST_LOG_INTERVAL = 1.0
+ACCT_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_acct"
+EVENTS_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_events"
+
+_NLMSG = struct.Struct("=IHHII")  # length, type, flags, seq, port id
+_NFGEN = struct.Struct("=BBH")  # family, version, res_id (network order)
+_NLA = struct.Struct("=HH")  # length, type
+_IFADDR = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, interface index
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+_ERRNO = struct.Struct("=i")
+_BPF_INSN = struct.Struct("=HBBI")
+_RECV_SIZE = 65536
+_DELETE_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
+_NEW_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+
+
+class CtEntry(NamedTuple):
+    """One conntrack entry as the kernel reports it: both tuples, the mark, both counters.
+
+    Addresses are packed (4 or 16 bytes); ports are 0 for protocols without.
+    ``orig`` is the direction of the connection's first packet.
+    """
+
+    protocol: int
+    orig_src: bytes
+    orig_sport: int
+    orig_dst: bytes
+    orig_dport: int
+    reply_src: bytes
+    reply_sport: int
+    reply_dst: bytes
+    reply_dport: int
+    mark: int
+    orig_packets: int
+    orig_bytes: int
+    reply_packets: int
+    reply_bytes: int
+
+
+class Counters(NamedTuple):
+    """A connection's traffic from this host's point of view."""
+
+    packets_in: int
+    packets_out: int
+    bytes_in: int
+    bytes_out: int
+
+
+class Ended(NamedTuple):
+    """A pmk-marked connection the kernel stopped tracking, placed on this host."""
+
+    key: ConnKey
+    outbound: bool
+    mark: int
+    counters: Counters
+
+
+#: Called once per wake-up with every connection end read in it.
+EndedSink = Callable[[list[Ended]], None]
+
+
+# --- ctnetlink messages -------------------------------------------------------
+
+
+def _tuple(data: bytes | bytearray, pos: int, end: int) -> tuple[int, bytes, int, bytes, int]:
+    """(protocol, src, sport, dst, dport) of a CTA_TUPLE_* payload."""
+    protocol = sport = dport = 0
+    src = dst = b""
+    while pos + 4 <= end:
+        length, kind = _NLA.unpack_from(data, pos)
+        if length < 4:
+            break
+        kind &= _NLA_TYPE_MASK
+        inner, inner_end = pos + 4, pos + length
+        if kind == CTA_TUPLE_IP:
+            while inner + 4 <= inner_end:
+                alen, akind = _NLA.unpack_from(data, inner)
+                if alen < 4:
+                    break
+                akind &= _NLA_TYPE_MASK
+                if akind in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                    src = bytes(data[inner + 4 : inner + alen])
+                elif akind in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                    dst = bytes(data[inner + 4 : inner + alen])
+                inner += (alen + 3) & ~3
+        elif kind == CTA_TUPLE_PROTO:
+            while inner + 4 <= inner_end:
+                alen, akind = _NLA.unpack_from(data, inner)
+                if alen < 4:
+                    break
+                akind &= _NLA_TYPE_MASK
+                if akind == CTA_PROTO_NUM:
+                    protocol = data[inner + 4]
+                elif akind == CTA_PROTO_SRC_PORT:
+                    sport = _BE16.unpack_from(data, inner + 4)[0]
+                elif akind == CTA_PROTO_DST_PORT:
+                    dport = _BE16.unpack_from(data, inner + 4)[0]
+                inner += (alen + 3) & ~3
+        pos += (length + 3) & ~3
+    if protocol not in PORT_PROTOCOLS:
+        sport = dport = 0
+    return protocol, src, sport, dst, dport
+
+
+def _counters(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
+    """(packets, bytes) of a CTA_COUNTERS_* payload."""
+    packets = octets = 0
+    while pos + 4 <= end:
+        length, kind = _NLA.unpack_from(data, pos)
+        if length < 4:
+            break
+        kind &= _NLA_TYPE_MASK
+        if kind == CTA_COUNTERS_PACKETS:
+            packets = _BE64.unpack_from(data, pos + 4)[0]
+        elif kind == CTA_COUNTERS_BYTES:
+            octets = _BE64.unpack_from(data, pos + 4)[0]
+        elif kind == CTA_COUNTERS32_PACKETS:
+            packets = _BE32.unpack_from(data, pos + 4)[0]
+        elif kind == CTA_COUNTERS32_BYTES:
+            octets = _BE32.unpack_from(data, pos + 4)[0]
+        pos += (length + 3) & ~3
+    return packets, octets
+
+
+def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> CtEntry | None:
+    """The entry in the message at ``data[pos:end]``, or None when it lacks ``mark_mask`` bits.
+
+    The mark is looked at first, so the entries of other connections cost a
+    walk over a handful of top-level attributes and build nothing. A message
+    too short or cut short yields what it holds (missing parts are empty or 0).
+    """
+    mark = 0
+    orig = reply = counters_orig = counters_reply = -1
+    pos += _NLMSG.size + _NFGEN.size
+    while pos + 4 <= end:
+        length, kind = _NLA.unpack_from(data, pos)
+        if length < 4:
+            break
+        kind &= _NLA_TYPE_MASK
+        if kind == CTA_MARK and length >= 8:
+            mark = _BE32.unpack_from(data, pos + 4)[0]
+        elif kind == CTA_TUPLE_ORIG:
+            orig, orig_end = pos + 4, min(pos + length, end)
+        elif kind == CTA_TUPLE_REPLY:
+            reply, reply_end = pos + 4, min(pos + length, end)
+        elif kind == CTA_COUNTERS_ORIG:
+            counters_orig, counters_orig_end = pos + 4, min(pos + length, end)
+        elif kind == CTA_COUNTERS_REPLY:
+            counters_reply, counters_reply_end = pos + 4, min(pos + length, end)
+        pos += (length + 3) & ~3
+    if not mark & mark_mask or orig < 0:
+        return None
+    protocol, osrc, osport, odst, odport = _tuple(data, orig, orig_end)
+    if reply >= 0:
+        _, rsrc, rsport, rdst, rdport = _tuple(data, reply, reply_end)
+    else:
+        rsrc, rsport, rdst, rdport = odst, odport, osrc, osport
+    opk, oby = _counters(data, counters_orig, counters_orig_end) if counters_orig >= 0 else (0, 0)
+    rpk, rby = _counters(data, counters_reply, counters_reply_end) if counters_reply >= 0 else (0, 0)
+    return CtEntry(protocol, osrc, osport, odst, odport, rsrc, rsport, rdst, rdport, mark, opk, oby, rpk, rby)
+
+
+def parse_datagram(
+    data: bytes | bytearray, size: int, mark_mask: int, into: list[CtEntry], seq: int | None = None
+) -> tuple[bool, int]:
+    """Append the pmk-marked entries of one netlink datagram; return (dump complete, errno or 0).
+
+    Events (DELETE) and dump answers (NEW) are both read. With ``seq``,
+    messages of another sequence number (left-overs of an earlier dump) are
+    skipped; events carry sequence 0 and are read with ``seq`` None.
+    """
+    pos = 0
+    while pos + _NLMSG.size <= size:
+        length, kind, _flags, msg_seq, _port = _NLMSG.unpack_from(data, pos)
+        if length < _NLMSG.size:
+            break
+        end = min(pos + length, size)
+        if seq is None or msg_seq == seq:
+            if kind == NLMSG_DONE:
+                return True, 0
+            if kind == NLMSG_ERROR:
+                code = -_ERRNO.unpack_from(data, pos + _NLMSG.size)[0] if end - pos >= 20 else errno.EPROTO
+                return True, code
+            if kind in (_DELETE_TYPE, _NEW_TYPE):
+                entry = parse_entry(data, pos, end, mark_mask)
+                if entry is not None:
+                    into.append(entry)
+        pos += (length + 3) & ~3
+    return False, 0
+
+
+# --- this host's side ---------------------------------------------------------
+
+
+def _parse_addresses(data: bytes | bytearray, size: int, into: set[bytes], seq: int | None = None) -> tuple[bool, int]:
+    """Add the addresses of RTM_NEWADDR messages in one datagram; return (dump complete, errno or 0)."""
+    pos = 0
+    while pos + _NLMSG.size <= size:
+        length, kind, _flags, msg_seq, _port = _NLMSG.unpack_from(data, pos)
+        if length < _NLMSG.size:
+            break
+        end = min(pos + length, size)
+        if seq is None or msg_seq == seq:
+            if kind == NLMSG_DONE:
+                return True, 0
+            if kind == NLMSG_ERROR:
+                return True, -_ERRNO.unpack_from(data, pos + _NLMSG.size)[0] if end - pos >= 20 else errno.EPROTO
+            if kind == RTM_NEWADDR:
+                local = address = None
+                attr = pos + _NLMSG.size + _IFADDR.size
+                while attr + 4 <= end:
+                    alen, akind = _NLA.unpack_from(data, attr)
+                    if alen < 4:
+                        break
+                    if akind == IFA_LOCAL:
+                        local = bytes(data[attr + 4 : attr + alen])
+                    elif akind == IFA_ADDRESS:
+                        address = bytes(data[attr + 4 : attr + alen])
+                    attr += (alen + 3) & ~3
+                # IFA_LOCAL is this side of a point-to-point link, whose IFA_ADDRESS is the peer.
+                found = local if local is not None else address
+                if found is not None and len(found) in (4, 16):
+                    into.add(found)
+        pos += (length + 3) & ~3
+    return False, 0
+
+
+class LocalAddresses:
+    """The addresses of this network namespace, kept current from rtnetlink.
+
+    ``refresh`` reads them all; ``watch`` subscribes to new addresses and
+    ``update`` reads what arrived since (non-blocking, cheap when nothing
+    did), so callers bring the set up to date right before they use it.
+    Addresses are added, never removed (see the module's docstring), and all
+    of 127.0.0.0/8 counts as local, as the kernel routes it.
+    """
+
+    def __init__(self, addresses: Iterable[bytes] = ()) -> None:
+        self.addresses: set[bytes] = set(addresses)
+        self._watch: socket.socket | None = None
+        self._buffer = bytearray(_RECV_SIZE)
+        # update() runs on the event loop and in dump_marked's worker thread.
+        self._lock = threading.Lock()
+
+    def is_local(self, address: bytes) -> bool:
+        return address in self.addresses or (len(address) == 4 and address[0] == 127)
+
+    def refresh(self) -> None:
+        """Add every address the kernel has now (one RTM_GETADDR dump)."""
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as sock:
+            sock.bind((0, 0))
+            body = _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+            sock.send(_NLMSG.pack(_NLMSG.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+            found: set[bytes] = set()
+            buffer = bytearray(_RECV_SIZE)
+            while True:
+                size = sock.recv_into(buffer)
+                done, failure = _parse_addresses(buffer, size, found, seq=1)
+                if failure:
+                    raise OSError(failure, f"rtnetlink address dump: {os.strerror(failure)}")
+                if done:
+                    break
+        self.addresses |= found
+
+    def watch(self) -> None:
+        """Subscribe to new addresses, then read the current ones (so none is missed in between)."""
+        if self._watch is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+            sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+            sock.setblocking(False)
+            self._watch = sock
+        self.refresh()
+
+    def update(self) -> None:
+        """Take in the addresses announced since the last call; re-read all if announcements were lost."""
+        with self._lock:
+            sock = self._watch
+            if sock is None:
+                return
+            while True:
+                try:
+                    size = sock.recv_into(self._buffer)
+                except BlockingIOError:
+                    return
+                except OSError as error:
+                    if error.errno != errno.ENOBUFS:
+                        raise
+                    self.refresh()
+                    continue
+                _parse_addresses(self._buffer, size, self.addresses)
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+
+
+def place(entry: CtEntry, local: LocalAddresses) -> Ended:
+    """The entry as pmk keys it: outbound when its original source is this host's."""
+    if local.is_local(entry.orig_src):
+        key = ConnKey(entry.protocol, entry.orig_src, entry.orig_sport, entry.orig_dst, entry.orig_dport)
+        counters = Counters(entry.reply_packets, entry.orig_packets, entry.reply_bytes, entry.orig_bytes)
+        return Ended(key, True, entry.mark, counters)
+    key = ConnKey(entry.protocol, entry.reply_src, entry.reply_sport, entry.orig_src, entry.orig_sport)
+    counters = Counters(entry.orig_packets, entry.reply_packets, entry.orig_bytes, entry.reply_bytes)
+    return Ended(key, False, entry.mark, counters)
+
+
+# --- the kernel's settings ----------------------------------------------------
+
+
+def _enable_sysctl(path: str, name: str) -> bool:
+    """Set a 0/1 sysctl of this namespace to 1 (if it is 0); True if it was changed."""
+    try:
+        with open(path) as current:
+            if current.read().strip() != "0":
+                return False
+        with open(path, "w") as setting:
+            setting.write("1")
+    except OSError as error:
+        raise PmkError(f"cannot set {name}=1 ({error.strerror}): needs root and nf_conntrack") from None
+    return True
+
+
+def enable_accounting() -> None:
+    """Make the kernel count packets and bytes per connection, and send conntrack events.
+
+    Both are settings of this network namespace that pmk leaves on when it
+    stops (turning them off again would not take counters away from entries
+    that have them, only from connections made later). Counters exist only
+    for connections made after accounting is on.
+    """
+    if _enable_sysctl(ACCT_SYSCTL, "net.netfilter.nf_conntrack_acct"):
+        log.info("conntrack accounting switched on (net.netfilter.nf_conntrack_acct=1)")
+    if _enable_sysctl(EVENTS_SYSCTL, "net.netfilter.nf_conntrack_events"):
+        log.info("conntrack events switched on (net.netfilter.nf_conntrack_events=1)")
+
+
+# --- destroy events -----------------------------------------------------------
+
+
+def mark_filter(mark_mask: int) -> bytes:
+    """A classic BPF program passing only conntrack messages whose mark has bits of ``mark_mask``.
+
+    The ``SKF_AD_NLATTR`` extension finds a top-level netlink attribute by
+    type (A: where the attributes start, X: the type) and yields its offset,
+    or 0 when there is none (a mark of 0 is not sent at all).
+    """
+    ld_imm, ldx_imm, ld_b_abs, ld_w_ind = 0x00, 0x01, 0x30, 0x40
+    jeq_k, and_k, tax, ret_k = 0x15, 0x54, 0x07, 0x06
+    nlattr = (-0x1000 + 12) & 0xFFFFFFFF  # SKF_AD_OFF + SKF_AD_NLATTR
+    program = [
+        (ld_imm, 0, 0, _NLMSG.size + _NFGEN.size),
+        (ldx_imm, 0, 0, CTA_MARK),
+        (ld_b_abs, 0, 0, nlattr),
+        (jeq_k, 5, 0, 0),  # no mark attribute: drop
+        (tax, 0, 0, 0),
+        (ld_w_ind, 0, 0, 4),  # the mark, network order
+        (and_k, 0, 0, mark_mask),
+        (jeq_k, 1, 0, 0),
+        (ret_k, 0, 0, 0xFFFFFFFF),
+        (ret_k, 0, 0, 0),
+    ]
+    return b"".join(_BPF_INSN.pack(*insn) for insn in program)
+
+
+def _attach_filter(sock: socket.socket, program: bytes) -> None:
+    code = ctypes.create_string_buffer(program)
+    fprog = struct.pack("@HP", len(program) // _BPF_INSN.size, ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+class ConntrackEvents:
+    """Reads conntrack DESTROY events of pmk-marked connections on the event loop.
+
+    ``start`` subscribes (in the network namespace pmk runs in) and calls
+    ``on_ended`` once per wake-up with every end read then, in order. Only
+    marked connections are delivered (the BPF filter of ``mark_filter``, and
+    the parser checks the mark again). ``close`` is safe to call twice.
+    """
+
+    def __init__(
+        self,
+        local: LocalAddresses,
+        mark_mask: int,
+        rcvbuf: int = DEFAULT_EVENT_RCVBUF,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.local = local
+        self.mark_mask = mark_mask
+        self.rcvbuf = rcvbuf
+        self.events = 0
+        self.lost = 0
+        self._clock = clock
+        self._lost_logged_at: float | None = None
+        self._lost_since_log = 0
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_ended: EndedSink | None = None
+        self._buffer = bytearray(_RECV_SIZE)
+
+    def open(self) -> None:
+        """Make the subscribed socket (done by ``start``; separate for tests that read by hand)."""
+        if self._sock is not None:
+            return
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        try:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            _attach_filter(sock, mark_filter(self.mark_mask))
+            sock.bind((0, 0))
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_CONNTRACK_DESTROY)
+            sock.setblocking(False)
+        except OSError as error:
+            sock.close()
+            raise PmkError(f"cannot subscribe to conntrack events: {error.strerror or error}") from None
+        self._sock = sock
+        self.local.watch()
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_ended: EndedSink) -> None:
+        """Switch accounting on, subscribe, and deliver ends to ``on_ended`` on ``loop``."""
+        enable_accounting()
+        self.open()
+        assert self._sock is not None
+        self._loop, self._on_ended = loop, on_ended
+        loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def read(self, limit: int = EVENTS_PER_WAKEUP) -> list[Ended]:
+        """Every end available now (at most ``limit`` datagrams), without waiting."""
+        sock = self._sock
+        if sock is None:
+            return []
+        entries: list[CtEntry] = []
+        buffer = self._buffer
+        for _ in range(limit):
+            try:
+                size = sock.recv_into(buffer)
+            except BlockingIOError:
+                break
+            except OSError as error:
+                if error.errno != errno.ENOBUFS:
+                    raise
+                self._count_lost()
+                continue
+            parse_datagram(buffer, size, self.mark_mask, entries)
+        if not entries:
+            return []
+        self.events += len(entries)
+        local = self.local
+        local.update()
+        return [place(entry, local) for entry in entries]
+
+    def _on_readable(self) -> None:
+        try:
+            ended = self.read()
+        except OSError as error:
+            log.error("conntrack events: %s; connection ends are no longer noticed", error.strerror or error)
+            self.close()
+            return
+        if ended and self._on_ended is not None:
+            self._on_ended(ended)
+
+    def _count_lost(self) -> None:
+        self.lost += 1
+        self._lost_since_log += 1
+        now = self._clock()
+        if self._lost_logged_at is None or now - self._lost_logged_at >= LOST_LOG_INTERVAL:
+            log.warning(
+                "conntrack events lost (receive buffer full %d time(s) since the last warning): "
+                "their connections' verdicts stay cached until evicted",
+                self._lost_since_log,
+            )
+            self._lost_logged_at, self._lost_since_log = now, 0
+
+    def stats(self) -> dict[str, int]:
+        return {"conntrack_events": self.events, "conntrack_events_lost": self.lost}
+
+    def close(self) -> None:
+        if self._sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        self.local.close()
+
+
+# --- dumps --------------------------------------------------------------------
+
+
+def dump_entries(mark: int, mark_mask: int) -> list[CtEntry]:
+    """Every conntrack entry (both IP versions) with ``mark & mark_mask == mark``: one kernel-filtered dump.
+
+    Blocking: run it in a worker thread. Raises OSError when the kernel refuses.
+    """
+    entries: list[CtEntry] = []
+    attrs = struct.pack("=HH", 8, CTA_MARK) + _BE32.pack(mark) + struct.pack("=HH", 8, CTA_MARK_MASK)
+    attrs += _BE32.pack(mark_mask)
+    body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0) + attrs
+    kind = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+    buffer = bytearray(_RECV_SIZE)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as sock:
+        sock.bind((0, 0))
+        sock.send(_NLMSG.pack(_NLMSG.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+        while True:
+            size = sock.recv_into(buffer)
+            done, failure = parse_datagram(buffer, size, mark_mask, entries, seq=1)
+            if failure:
+                raise OSError(failure, f"conntrack dump: {os.strerror(failure)}")
+            if done:
+                return entries
+
+
+def dump_marked(marks: Iterable[int], mark_mask: int, local: LocalAddresses) -> dict[ConnKey, Counters]:
+    """The counters of every live connection marked with one of ``marks`` (values within ``mark_mask``).
+
+    One kernel-filtered dump per mark value (a dump filter is one
+    value/mask). Entries with the same key (ICMP flows of different ids
+    between the same addresses) are added up. Blocking: run it in a worker
+    thread; the caller computes deltas (the kernel's counters are never
+    zeroed, so ``connection_end`` keeps the whole totals).
+    """
+    local.update()
+    result: dict[ConnKey, Counters] = {}
+    for mark in marks:
+        for entry in dump_entries(mark, mark_mask):
+            ended = place(entry, local)
+            known = result.get(ended.key)
+            if known is None:
+                result[ended.key] = ended.counters
+            else:
+                result[ended.key] = Counters(*(a + b for a, b in zip(known, ended.counters, strict=True)))
+    return result
