@@ -100,7 +100,7 @@ RTMGRP_IPV6_IFADDR = 0x100
 DEFAULT_EVENT_RCVBUF = 8 << 20
 #: At most this many events are read per wake-up, so a flood of ends cannot
 #: keep the event loop from packets and clients; the rest wait for the next.
-EVENTS_PER_WAKEUP = 4096
+EVENTS_PER_WAKEUP = 1024
 #: Lost-event warnings: at most one per this many seconds.
 LOST_LOG_INTERVAL = 1.0
 ACCT_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_acct"
@@ -174,14 +174,14 @@ def _tuple(data: bytes | bytearray, pos: int, end: int) -> tuple[int, bytes, int
     src = dst = b""
     while pos + 4 <= end:
         length, kind = _NLA.unpack_from(data, pos)
-        if length < 4:
+        if length < 4 or pos + length > end:
             break
         kind &= _NLA_TYPE_MASK
         inner, inner_end = pos + 4, pos + length
         if kind == CTA_TUPLE_IP:
             while inner + 4 <= inner_end:
                 alen, akind = _NLA.unpack_from(data, inner)
-                if alen < 4:
+                if alen < 4 or inner + alen > inner_end:
                     break
                 akind &= _NLA_TYPE_MASK
                 if akind in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
@@ -192,14 +192,14 @@ def _tuple(data: bytes | bytearray, pos: int, end: int) -> tuple[int, bytes, int
         elif kind == CTA_TUPLE_PROTO:
             while inner + 4 <= inner_end:
                 alen, akind = _NLA.unpack_from(data, inner)
-                if alen < 4:
+                if alen < 4 or inner + alen > inner_end:
                     break
                 akind &= _NLA_TYPE_MASK
-                if akind == CTA_PROTO_NUM:
+                if akind == CTA_PROTO_NUM and alen >= 5:
                     protocol = data[inner + 4]
-                elif akind == CTA_PROTO_SRC_PORT:
+                elif akind == CTA_PROTO_SRC_PORT and alen >= 6:
                     sport = _BE16.unpack_from(data, inner + 4)[0]
-                elif akind == CTA_PROTO_DST_PORT:
+                elif akind == CTA_PROTO_DST_PORT and alen >= 6:
                     dport = _BE16.unpack_from(data, inner + 4)[0]
                 inner += (alen + 3) & ~3
         pos += (length + 3) & ~3
@@ -213,16 +213,16 @@ def _counters(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
     packets = octets = 0
     while pos + 4 <= end:
         length, kind = _NLA.unpack_from(data, pos)
-        if length < 4:
+        if length < 4 or pos + length > end:
             break
         kind &= _NLA_TYPE_MASK
-        if kind == CTA_COUNTERS_PACKETS:
+        if kind == CTA_COUNTERS_PACKETS and length >= 12:
             packets = _BE64.unpack_from(data, pos + 4)[0]
-        elif kind == CTA_COUNTERS_BYTES:
+        elif kind == CTA_COUNTERS_BYTES and length >= 12:
             octets = _BE64.unpack_from(data, pos + 4)[0]
-        elif kind == CTA_COUNTERS32_PACKETS:
+        elif kind == CTA_COUNTERS32_PACKETS and length >= 8:
             packets = _BE32.unpack_from(data, pos + 4)[0]
-        elif kind == CTA_COUNTERS32_BYTES:
+        elif kind == CTA_COUNTERS32_BYTES and length >= 8:
             octets = _BE32.unpack_from(data, pos + 4)[0]
         pos += (length + 3) & ~3
     return packets, octets
@@ -240,19 +240,19 @@ def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> 
     pos += _NLMSG.size + _NFGEN.size
     while pos + 4 <= end:
         length, kind = _NLA.unpack_from(data, pos)
-        if length < 4:
+        if length < 4 or pos + length > end:
             break
         kind &= _NLA_TYPE_MASK
         if kind == CTA_MARK and length >= 8:
             mark = _BE32.unpack_from(data, pos + 4)[0]
         elif kind == CTA_TUPLE_ORIG:
-            orig, orig_end = pos + 4, min(pos + length, end)
+            orig, orig_end = pos + 4, pos + length
         elif kind == CTA_TUPLE_REPLY:
-            reply, reply_end = pos + 4, min(pos + length, end)
+            reply, reply_end = pos + 4, pos + length
         elif kind == CTA_COUNTERS_ORIG:
-            counters_orig, counters_orig_end = pos + 4, min(pos + length, end)
+            counters_orig, counters_orig_end = pos + 4, pos + length
         elif kind == CTA_COUNTERS_REPLY:
-            counters_reply, counters_reply_end = pos + 4, min(pos + length, end)
+            counters_reply, counters_reply_end = pos + 4, pos + length
         pos += (length + 3) & ~3
     if not mark & mark_mask or orig < 0:
         return None
@@ -316,7 +316,7 @@ def _parse_addresses(data: bytes | bytearray, size: int, into: set[bytes], seq: 
                 attr = pos + _NLMSG.size + _IFADDR.size
                 while attr + 4 <= end:
                     alen, akind = _NLA.unpack_from(data, attr)
-                    if alen < 4:
+                    if alen < 4 or attr + alen > end:
                         break
                     if akind == IFA_LOCAL:
                         local = bytes(data[attr + 4 : attr + alen])
@@ -506,9 +506,16 @@ class ConntrackEvents:
         self._buffer = bytearray(_RECV_SIZE)
 
     def open(self) -> None:
-        """Make the subscribed socket (done by ``start``; separate for tests that read by hand)."""
+        """Switch accounting on and subscribe, in the calling thread's network namespace.
+
+        ``start`` calls it; call it earlier to subscribe before the event loop
+        runs. Connections made before it have no counters, and no events at
+        all where ``nf_conntrack_events`` is 2 (auto, the default): the kernel
+        then equips a connection for events only if someone listens when it is made.
+        """
         if self._sock is not None:
             return
+        enable_accounting()
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         try:
             try:
@@ -526,8 +533,7 @@ class ConntrackEvents:
         self.local.watch()
 
     def start(self, loop: asyncio.AbstractEventLoop, on_ended: EndedSink) -> None:
-        """Switch accounting on, subscribe, and deliver ends to ``on_ended`` on ``loop``."""
-        enable_accounting()
+        """Subscribe (``open``) and deliver ends to ``on_ended`` on ``loop``."""
         self.open()
         assert self._sock is not None
         self._loop, self._on_ended = loop, on_ended
