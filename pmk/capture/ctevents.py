@@ -2,39 +2,47 @@
 
 On the nfqueue backend a decided connection never reaches Python again: its
 verdict lives in the conntrack mark. So pmk learns that it ended from the
-kernel's conntrack DESTROY events and what it carried from the kernel's
+kernel's conntrack DESTROY events, and what it carried from the kernel's
 accounting counters (``net.netfilter.nf_conntrack_acct``, switched on by
-``enable_accounting``; connections made before that have no counters and
-report 0).
+``ConntrackEvents.open``).
+
+Subscribe before connections are marked: a connection made earlier has no
+counters (accounting was off) and, with ``nf_conntrack_events`` at its
+default 2 ("auto"), no events either, since the kernel equips a connection
+for events only if someone listens when it is made. Connections pmk accepts
+as already existing at start may therefore end unnoticed.
 
 Spoken directly over AF_NETLINK with ``struct``, like ``pmk.host.sockdiag``:
-pyroute2 has no event subscription of its own and its message decoder costs
-tens of times more per event (the burst measurement in README's "Connection
-ends" section). Only pmk's connections are delivered: a classic BPF filter
-on the socket drops, in the kernel and before they count against the
-receive buffer, the events of connections without pmk's mark bits (the
-kernel finds the mark attribute with the ``SKF_AD_NLATTR`` extension).
+pyroute2 has no event subscription call (a socket bound to the group works)
+and costs about 5 times the CPU per received event and 30 times per dumped
+entry (``benchmarks/ctevents_burst.py``). Only pmk's connections are
+delivered: a classic BPF filter on the socket drops the events of connections
+without pmk's mark bits in the kernel, before they count against the receive
+buffer (the ``SKF_AD_NLATTR`` extension finds the mark attribute).
 
-Which side is local: the conntrack entry does not say which host began the
-connection, so ``LocalAddresses`` keeps this host's addresses (from rtnetlink,
-updated on every new address) and a connection whose original source is one
-of them is outbound; every other one is inbound. Loopback connections are
-outbound, as the nfqueue backend decides them at their first (OUTPUT) packet.
-Addresses are never forgotten while pmk runs, so a connection from an address
-removed before it ended is still placed right.
+Which side is local: a conntrack entry does not say which host began the
+connection, so ``LocalAddresses`` keeps this host's addresses (from
+rtnetlink, updated whenever one is added) and a connection whose original
+source is one of them is outbound; every other one is inbound. Loopback
+connections are outbound, as the nfqueue backend decides them at their first
+(OUTPUT) packet. Addresses are never forgotten while pmk runs, so a
+connection from an address removed before it ended is still placed right.
 
 Keys follow what pmk decided on: an outbound connection is keyed by its
-original tuple (the application's view, before any DNAT of a reroute); an
+original tuple (the application's view, before the DNAT of a reroute); an
 inbound one by its original source and its reply source (the address the
 connection reached after any PREROUTING DNAT, as INPUT saw it).
 
 Lost events: when the receive buffer overflows the kernel drops events and
-the next read fails with ENOBUFS. They are counted (``conntrack_events_lost``
-counts overflows, each losing one or more events), logged at most once a
-second, and never retried: the verdicts of the connections they ended stay
-in the verdict cache until LRU evicts them, and they get no
-``connection_end``. ``dump_marked`` tells which marked connections are
-still there, for a caller that wants to reconcile after a loss.
+the next read fails with ENOBUFS. Overflows are counted
+(``conntrack_events_lost``: each lost one or more events) and logged at most
+once a second; the connections those events ended keep their verdicts in the
+verdict cache until LRU evicts them, and get no ``connection_end``.
+``dump_marked`` tells which marked connections still exist, for a caller that
+wants to reconcile. (The kernel can instead hold and redeliver undelivered
+DESTROY events, NETLINK_BROADCAST_ERROR; not used: a stalled pmk would then
+keep every ended connection in the conntrack table, which fills and drops
+the whole host's new connections.)
 """
 
 from __future__ import annotations
@@ -95,9 +103,10 @@ IFA_LOCAL = 2
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
 
-#: Receive buffer of the event socket (the kernel doubles it for its overhead):
-#: about 16k buffered events, room for a burst of that many ends between reads.
-DEFAULT_EVENT_RCVBUF = 8 << 20
+#: Receive buffer of the event socket. The kernel doubles it for its overhead
+#: and charges about 1.25 KiB per queued event, so this holds about 26k ends
+#: between two reads; memory is taken only while events wait.
+DEFAULT_EVENT_RCVBUF = 16 << 20
 #: At most this many events are read per wake-up, so a flood of ends cannot
 #: keep the event loop from packets and clients; the rest wait for the next.
 EVENTS_PER_WAKEUP = 1024
@@ -515,12 +524,11 @@ class ConntrackEvents:
         """
         if self._sock is not None:
             return
-        enable_accounting()
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         try:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
-            except PermissionError:
+            except PermissionError:  # CAP_NET_ADMIN of a container only: capped by net.core.rmem_max
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
             _attach_filter(sock, mark_filter(self.mark_mask))
             sock.bind((0, 0))
@@ -530,7 +538,13 @@ class ConntrackEvents:
             sock.close()
             raise PmkError(f"cannot subscribe to conntrack events: {error.strerror or error}") from None
         self._sock = sock
-        self.local.watch()
+        try:
+            # After the subscription, which loads nf_conntrack_netlink (and so nf_conntrack's sysctls).
+            enable_accounting()
+            self.local.watch()
+        except BaseException:
+            self.close()
+            raise
 
     def start(self, loop: asyncio.AbstractEventLoop, on_ended: EndedSink) -> None:
         """Subscribe (``open``) and deliver ends to ``on_ended`` on ``loop``."""
