@@ -181,6 +181,27 @@ def test_marked_connections_end_with_their_keys_and_the_kernels_counters(hosts: 
         events.close()
 
 
+def test_an_address_added_after_the_start_is_local_at_once(hosts: TwoHosts) -> None:
+    events = opened(hosts)
+    try:
+        added = "198.18.0.9"
+        hosts.sh(hosts.server, "ip", "addr", "add", f"{added}/24", "dev", hosts.server_if)
+        with make(hosts.server, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((added, 0))
+            sock.sendto(b"x" * 10, (hosts.client_ip, UDP_PORT))
+            port = sock.getsockname()[1]
+        flush(hosts)
+        [ended] = read_until(events, 1)
+        assert ended == Ended(
+            ConnKey(17, packed(added), port, packed(hosts.client_ip), UDP_PORT),
+            True,
+            ACCEPT_MARK,
+            Counters(0, 1, 0, 38),
+        )
+    finally:
+        events.close()
+
+
 def test_unmarked_ends_stay_in_the_kernel(hosts: TwoHosts) -> None:
     """The BPF filter drops them before delivery: the socket receives nothing, an unfiltered one all."""
 

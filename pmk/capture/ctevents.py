@@ -635,7 +635,8 @@ def dump_entries(mark: int, mark_mask: int) -> list[CtEntry]:
             if failure:
                 raise OSError(failure, f"conntrack dump: {os.strerror(failure)}")
             if done:
-                return entries
+                # Checked again: a kernel that ignored the filter would repeat entries in every dump.
+                return [entry for entry in entries if entry.mark & mark_mask == mark]
 
 
 def dump_marked(marks: Iterable[int], mark_mask: int, local: LocalAddresses) -> dict[ConnKey, Counters]:
