@@ -6,6 +6,7 @@ import errno
 import socket
 import struct
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,6 +28,7 @@ from pmk.capture.ctevents import (
     LocalAddresses,
     _attach_filter,
     _parse_addresses,
+    dump_marked,
     mark_filter,
     parse_datagram,
     place,
@@ -73,6 +75,7 @@ def ct_message(
     kind: int = DELETE,
     seq: int = 0,
     wide: bool = True,
+    ct_id: int = 0xABCDEF,
 ) -> bytes:
     """A conntrack message ordered as the kernel sends a DESTROY event."""
     protocol, src, sport, dst, dport = orig
@@ -81,7 +84,7 @@ def ct_message(
     family = socket.AF_INET6 if len(src) == 16 else socket.AF_INET
     body = struct.pack("=BBH", family, 0, 0)
     body += attr(CTA_TUPLE_ORIG, ct_tuple(*orig), nested=True) + attr(CTA_TUPLE_REPLY, ct_tuple(*reply), nested=True)
-    body += attr(12, struct.pack(">I", 0xABCDEF))  # CTA_ID
+    body += attr(12, struct.pack(">I", ct_id))  # CTA_ID
     if counts is not None:
         body += attr(CTA_COUNTERS_ORIG, counters(counts[0], counts[1], wide), nested=True)
         body += attr(CTA_COUNTERS_REPLY, counters(counts[2], counts[3], wide), nested=True)
@@ -104,7 +107,9 @@ def parse(data: bytes, seq: int | None = None) -> tuple[list[CtEntry], tuple[boo
 def test_an_event_yields_both_tuples_the_mark_and_both_counters() -> None:
     [entry], status = parse(ct_message((6, HERE, 40000, PEER, 7401), counts=(5, 6000, 4, 3200)))
     assert status == (False, 0)
-    assert entry == CtEntry(6, HERE, 40000, PEER, 7401, PEER, 7401, HERE, 40000, ACCEPT_MARK, 5, 6000, 4, 3200)
+    assert entry == CtEntry(
+        0xABCDEF, 6, HERE, 40000, PEER, 7401, PEER, 7401, HERE, 40000, ACCEPT_MARK, 5, 6000, 4, 3200
+    )
 
 
 def test_ipv6_and_32_bit_counters() -> None:
@@ -156,7 +161,7 @@ def test_cut_or_garbled_messages_never_raise(cut: int, junk: bytes) -> None:
 def entry(orig: tuple[int, bytes, int, bytes, int], reply: tuple[bytes, int, bytes, int] | None = None) -> CtEntry:
     protocol, src, sport, dst, dport = orig
     rsrc, rsport, rdst, rdport = reply if reply is not None else (dst, dport, src, sport)
-    return CtEntry(protocol, src, sport, dst, dport, rsrc, rsport, rdst, rdport, ACCEPT_MARK, 5, 500, 4, 4000)
+    return CtEntry(1, protocol, src, sport, dst, dport, rsrc, rsport, rdst, rdport, ACCEPT_MARK, 5, 500, 4, 4000)
 
 
 def test_a_connection_from_a_local_address_is_outbound_and_sends_the_original_direction() -> None:
@@ -187,6 +192,21 @@ def test_all_of_127_8_is_local_so_loopback_connections_are_outbound() -> None:
     loop2 = socket.inet_aton("127.0.0.2")
     ended = place(entry((6, loop2, 1, socket.inet_aton("127.0.0.1"), 2)), LocalAddresses())
     assert ended.outbound and ended.key.local_ip == loop2
+
+
+def test_a_dump_adds_up_flows_of_one_key_and_counts_a_repeated_entry_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    ping = entry((1, HERE, 0, PEER, 0))
+    tcp = entry((6, PEER, 5000, HERE, 22))
+    by_mark = {
+        ACCEPT_MARK: [ping._replace(ct_id=1), tcp._replace(ct_id=2), tcp._replace(ct_id=2)],
+        0x00200000: [ping._replace(ct_id=3, mark=0x00200000)],
+    }
+    monkeypatch.setattr("pmk.capture.ctevents.dump_entries", lambda mark, mask: by_mark[mark])
+    live = dump_marked([ACCEPT_MARK, 0x00200000], MASK, LocalAddresses([HERE]))
+    assert live == {
+        ConnKey(1, HERE, 0, PEER, 0): Counters(8, 10, 8000, 1000),
+        ConnKey(6, HERE, 22, PEER, 5000): Counters(5, 4, 500, 4000),
+    }
 
 
 def addr_message(family: int, seq: int = 0, **attrs: bytes) -> bytes:

@@ -87,6 +87,7 @@ CTA_TUPLE_REPLY = 2
 CTA_MARK = 8
 CTA_COUNTERS_ORIG = 9
 CTA_COUNTERS_REPLY = 10
+CTA_ID = 12
 CTA_MARK_MASK = 21
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
@@ -133,9 +134,11 @@ class CtEntry(NamedTuple):
     """One conntrack entry as the kernel reports it: both tuples, the mark, both counters.
 
     Addresses are packed (4 or 16 bytes); ports are 0 for protocols without.
-    ``orig`` is the direction of the connection's first packet.
+    ``orig`` is the direction of the connection's first packet; ``ct_id`` is
+    the kernel's id of the entry (unique among live entries).
     """
 
+    ct_id: int
     protocol: int
     orig_src: bytes
     orig_sport: int
@@ -244,7 +247,7 @@ def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> 
     walk over a handful of top-level attributes and build nothing. A message
     too short or cut short yields what it holds (missing parts are empty or 0).
     """
-    mark = 0
+    mark = ct_id = 0
     orig = reply = counters_orig = counters_reply = -1
     pos += _NLMSG.size + _NFGEN.size
     while pos + 4 <= end:
@@ -254,6 +257,8 @@ def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> 
         kind &= _NLA_TYPE_MASK
         if kind == CTA_MARK and length >= 8:
             mark = _BE32.unpack_from(data, pos + 4)[0]
+        elif kind == CTA_ID and length >= 8:
+            ct_id = _BE32.unpack_from(data, pos + 4)[0]
         elif kind == CTA_TUPLE_ORIG:
             orig, orig_end = pos + 4, pos + length
         elif kind == CTA_TUPLE_REPLY:
@@ -272,7 +277,7 @@ def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> 
         rsrc, rsport, rdst, rdport = odst, odport, osrc, osport
     opk, oby = _counters(data, counters_orig, counters_orig_end) if counters_orig >= 0 else (0, 0)
     rpk, rby = _counters(data, counters_reply, counters_reply_end) if counters_reply >= 0 else (0, 0)
-    return CtEntry(protocol, osrc, osport, odst, odport, rsrc, rsport, rdst, rdport, mark, opk, oby, rpk, rby)
+    return CtEntry(ct_id, protocol, osrc, osport, odst, odport, rsrc, rsport, rdst, rdport, mark, opk, oby, rpk, rby)
 
 
 def parse_datagram(
@@ -644,18 +649,23 @@ def dump_marked(marks: Iterable[int], mark_mask: int, local: LocalAddresses) -> 
 
     One kernel-filtered dump per mark value (a dump filter is one
     value/mask). Entries with the same key (ICMP flows of different ids
-    between the same addresses) are added up. Blocking: run it in a worker
-    thread; the caller computes deltas (the kernel's counters are never
-    zeroed, so ``connection_end`` keeps the whole totals).
+    between the same addresses) are added up; an entry a dump repeats (it
+    moved while the table was read) counts once. Blocking: run it in a
+    worker thread; the caller computes deltas (the kernel's counters are
+    never zeroed, so ``connection_end`` keeps the whole totals).
     """
     local.update()
     result: dict[ConnKey, Counters] = {}
+    seen: set[int] = set()
     for mark in marks:
         for entry in dump_entries(mark, mark_mask):
-            ended = place(entry, local)
-            known = result.get(ended.key)
+            if entry.ct_id in seen:
+                continue
+            seen.add(entry.ct_id)
+            placed = place(entry, local)
+            known = result.get(placed.key)
             if known is None:
-                result[ended.key] = ended.counters
+                result[placed.key] = placed.counters
             else:
-                result[ended.key] = Counters(*(a + b for a, b in zip(known, ended.counters, strict=True)))
+                result[placed.key] = Counters(*(a + b for a, b in zip(known, placed.counters, strict=True)))
     return result
