@@ -32,6 +32,7 @@ from pmk.capture.ctevents import (
     mark_filter,
     parse_datagram,
     place,
+    traffic_since,
 )
 from pmk.verdicts import ConnKey
 
@@ -206,6 +207,22 @@ def test_a_dump_adds_up_flows_of_one_key_and_counts_a_repeated_entry_once(monkey
     assert live == {
         ConnKey(1, HERE, 0, PEER, 0): Counters(8, 10, 8000, 1000),
         ConnKey(6, HERE, 22, PEER, 5000): Counters(5, 4, 500, 4000),
+    }
+
+
+def test_traffic_since_the_last_dump_leaves_out_quiet_connections() -> None:
+    quiet, busy, new, reused = (ConnKey(6, HERE, port, PEER, 443) for port in (1, 2, 3, 4))
+    previous = {quiet: Counters(1, 1, 60, 60), busy: Counters(2, 3, 200, 300), reused: Counters(9, 9, 900, 900)}
+    current = {
+        quiet: Counters(1, 1, 60, 60),
+        busy: Counters(5, 3, 5200, 300),
+        new: Counters(1, 2, 100, 200),
+        reused: Counters(1, 1, 60, 60),
+    }
+    assert traffic_since(previous, current) == {
+        busy: Counters(3, 0, 5000, 0),
+        new: Counters(1, 2, 100, 200),
+        reused: Counters(1, 1, 60, 60),
     }
 
 

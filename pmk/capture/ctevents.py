@@ -669,3 +669,19 @@ def dump_marked(marks: Iterable[int], mark_mask: int, local: LocalAddresses) -> 
             else:
                 result[placed.key] = Counters(*(a + b for a, b in zip(known, placed.counters, strict=True)))
     return result
+
+
+def traffic_since(previous: dict[ConnKey, Counters], current: dict[ConnKey, Counters]) -> dict[ConnKey, Counters]:
+    """Per-connection traffic between two ``dump_marked`` results, connections without any left out.
+
+    A connection new since ``previous`` counts in full; so does one whose
+    counters went down (it ended and another took its key in between).
+    """
+    moved: dict[ConnKey, Counters] = {}
+    for key, now in current.items():
+        before = previous.get(key)
+        if before is not None and all(a >= b for a, b in zip(now, before, strict=True)):
+            now = Counters(*(a - b for a, b in zip(now, before, strict=True)))
+        if any(now):
+            moved[key] = now
+    return moved
