@@ -241,9 +241,9 @@ def test_the_event_loop_gets_one_list_per_wakeup(hosts: TwoHosts) -> None:
         events.start(asyncio.get_running_loop(), batches.append)
         marked_udp_flows(hosts, 40)
         unmarked_udp_flows(hosts, 40)
-        flush(hosts)  # blocking: every event is queued before the loop looks
+        flush(hosts)  # blocking, but the kernel may queue a few destroy events after it returns
         deadline = time.monotonic() + WAIT
-        while not batches and time.monotonic() < deadline:
+        while sum(map(len, batches)) < 40 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         events.close()
 
@@ -251,9 +251,12 @@ def test_the_event_loop_gets_one_list_per_wakeup(hosts: TwoHosts) -> None:
         asyncio.run(main())
     finally:
         events.close()
-    assert [len(batch) for batch in batches] == [40]
-    assert {e.key.remote_port for e in batches[0]} == {UDP_PORT}
-    assert all(e.outbound and e.counters == Counters(0, 1, 0, 29) for e in batches[0])
+    ended = [e for batch in batches for e in batch]
+    assert len(ended) == 40
+    # Drained per wake-up, not per event: the flush's burst arrives in a few lists at most.
+    assert 1 <= len(batches) <= 3, [len(batch) for batch in batches]
+    assert {e.key.remote_port for e in ended} == {UDP_PORT}
+    assert all(e.outbound and e.counters == Counters(0, 1, 0, 29) for e in ended)
 
 
 def test_a_full_receive_buffer_counts_lost_events(hosts: TwoHosts) -> None:
