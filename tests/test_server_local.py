@@ -16,6 +16,7 @@ import pytest
 from pmk.capture.base import CaptureBackend, CapturedPacket, PacketSink
 from pmk.client import Client, Decision, RemoteError
 from pmk.config import ServeConfig
+from pmk.core.policy import default_only
 from pmk.server.app import Server
 from pmk.verdicts import Verdict
 from tests.packets import udp
@@ -55,7 +56,7 @@ async def served() -> AsyncIterator[tuple[Server, RecordingBackend, str]]:
     os.chmod(directory, 0o700)
     path = os.path.join(directory, "pmk.sock")
     backend = RecordingBackend()
-    config = ServeConfig(endpoint=path, verdict_timeout=0.3, default_verdict=Verdict.DROP)
+    config = ServeConfig(endpoint=path, verdict_timeout=0.3, policy=default_only(Verdict.DROP))
     server = Server(config, backend)
     await server.start()
     try:

@@ -475,7 +475,8 @@ def report(bench: Bench) -> str:
         lat50 = added(m, "p50") if workload != "tcp" else "-"
         lat99 = added(m, "p99") if workload != "tcp" else "-"
         rss = res.get((row, "udp")) or res.get((row, "conns"))
-        rss_mb = rss.get("rss") / 2**20 if rss and rss.get("rss") else None
+        rss_bytes = rss.get("rss") if rss else None
+        rss_mb = rss_bytes / 2**20 if rss_bytes else None
         bypassed = rss.get("bypassed") if rss and workload in ("udp", "conns") else None
         lines.append(
             f"{_ROW_NAMES.get(row, row):32} {workload:11} {rate:>22} {lat50:>20} {lat99:>20} "
