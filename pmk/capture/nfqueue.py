@@ -282,6 +282,7 @@ class NfqueueBackend(CaptureBackend):
         Accept also goes through NF_REPEAT so the host's own INPUT/OUTPUT rules
         after pmk's jump still judge the packet.
         """
+        code: rules.MarkCode | None
         if verdict is Verdict.ACCEPT:
             code, counter = (rules.MarkCode.ACCEPT if permanent else rules.MarkCode.ACCEPT_ONCE), "accepted"
         elif verdict is Verdict.BLOCK:
