@@ -9,7 +9,7 @@ from typing import Any
 
 from pmk.core import commands as cmd
 from pmk.core import events as ev
-from pmk.core.policy import Policy, PolicyDecision, default_only
+from pmk.core.policy import Policy, default_only, parse_policy
 from pmk.core.service import Service
 from pmk.packet.captured import CapturedPacket
 from pmk.rpc.names import PROTOCOL_ERROR, WITHDRAWN
@@ -308,14 +308,11 @@ def test_preaccepted_connections_are_cached_as_accepted_and_logged() -> None:
 
 
 def test_a_permanent_policy_rule_is_cached_and_counted_per_rule() -> None:
-    class DnsAccepted(Policy):
-        def decide(self, key: ConnKey, outbound: bool) -> PolicyDecision:
-            if key.remote_port == 53 or key.local_port == 53:
-                return PolicyDecision(Verdict.ACCEPT, True, "dns")
-            return self.default
-
-    policy = DnsAccepted(PolicyDecision(Verdict.BLOCK, False, "default"), "test")
-    policy.rule_names = ("dns", "default")
+    policy = parse_policy(
+        '[[rule]]\nname = "dns"\nprotocol = "udp"\nlocal_port = 53\nverdict = "accept"\ncache = true\n'
+        '[default]\nverdict = "block"\n',
+        "test",
+    )
     svc = service(policy=policy)
     out = svc.handle(ev.PacketsCaptured([packet(1), packet(1)]), now=0.0)
     assert applied(out) == [([1, 1], Verdict.ACCEPT, True)]
