@@ -10,6 +10,7 @@ rule is in ``pmk.core.service``; this module has none.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -137,6 +138,8 @@ class Server:
         self._run((ev.Tick(),))
 
     def _kernel_done(self, op: int, future: Future[None]) -> None:
+        if future.cancelled():
+            return  # shutting down
         error = future.exception()
         if error is None:
             self._run((ev.KernelUpdated(op),))
@@ -201,7 +204,12 @@ class Server:
             self._kernel_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmk-kernel")
         future = self._kernel_worker.submit(call, *args)
         loop = self._loop
-        future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._kernel_done, op, done))
+
+        def report(done: Future[None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while the update ran
+                loop.call_soon_threadsafe(self._kernel_done, op, done)
+
+        future.add_done_callback(report)
 
     # -- reading -------------------------------------------------------------
 
