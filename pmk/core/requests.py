@@ -85,7 +85,7 @@ TRANSITIONS: dict[tuple[State, Step], tuple[State, tuple[str, ...]]] = {
 HOLDS_SLOT = frozenset({State.SENT, State.WITHDRAWN})
 #: States in which the packet still wants an answer.
 WANTED = frozenset({State.WAITING, State.SENT})
-#: Every counter TRANSITIONS names, plus late answers to requests already forgotten.
+#: Every counter TRANSITIONS names (``answer_forgotten`` counts late answers too).
 COUNTERS = (
     "requests",
     "timeouts",
@@ -168,6 +168,10 @@ class RequestTable:
         elif after is State.SENT:
             self._by_packet[request.packet_id] = request
         return after
+
+    def answer_forgotten(self) -> None:
+        """An answer to a request no longer on record (expired, or its decider turned observer): late."""
+        self.counters["late_verdicts"] += 1
 
     def assign(self, request: DecideRequest, client: int) -> int:
         """Send ``request`` to ``client``: step SEND, take a slot, return the msgid to use."""

@@ -192,7 +192,7 @@ class Service:
                     self._out.append(cmd.Apply(packets, verdict, permanent))
                 if work.unparsed:
                     decision = self.policy.default
-                    self.policy_hits[decision.rule] = self.policy_hits.get(decision.rule, 0) + 1
+                    self.policy_hits[decision.rule] = self.policy_hits.get(decision.rule, 0) + len(work.unparsed)
                     engine.settle_unparsed(work.unparsed, decision.verdict)
                 for packets, verdict in work.kernel_hits:
                     self._decided_from_cache(packets, verdict)
@@ -289,7 +289,7 @@ class Service:
         requests = self.requests
         request = requests.by_msgid(event.msgid)
         if request is None or request.client != event.client:
-            requests.counters["late_verdicts"] += 1  # cannot happen: the RPC layer matched it
+            requests.answer_forgotten()  # cannot happen: the RPC layer matched the msgid
             return
         if request.state is State.WITHDRAWN:
             requests.step(request, Step.ANSWER)  # late; frees the decider's slot
@@ -316,7 +316,7 @@ class Service:
         self.engine.on_verdict(held.id, verdict, permanent)
 
     def _on_late_answer(self, event: ev.LateAnswer, now: float) -> None:
-        self.requests.counters["late_verdicts"] += 1
+        self.requests.answer_forgotten()
 
     # -- clients ------------------------------------------------------------------------
 
