@@ -61,7 +61,7 @@ DecideHandler = Callable[[DecideInfo], "Decision | Awaitable[Decision] | None"]
 #: ``bandwidth`` (a list of ``BandwidthEntry``).
 EventHandler = Callable[[str, Any], None]
 #: The notifications an observer receives (SPEC 8).
-EVENTS = ("connection_new", "connection_end", "bandwidth")
+EVENTS = (names.CONNECTION_NEW, names.CONNECTION_END, names.BANDWIDTH)
 
 
 class RemoteError(Exception):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pmk.bench.procs import Proc, ProcGroup
+from pmk.rpc import names
 from pmk.testing.netns import TwoHosts, need_root_reason, two_hosts
 
 PY = sys.executable
@@ -406,7 +407,7 @@ class PmkHandle:
         async def get() -> dict[str, Any]:
             client = await Client.connect(self.sock)
             try:
-                return await asyncio.wait_for(client.call("get_stats"), 5)
+                return await asyncio.wait_for(client.call(names.GET_STATS), 5)
             finally:
                 client.close()
 

@@ -443,7 +443,7 @@ class Service:
 
     def _on_kernel_failed(self, event: ev.KernelUpdateFailed, now: float) -> None:
         client, msgid, key, _ = self._kernel_ops.pop(event.op)
-        what = "clear_cache" if key is None else "update_verdict"
+        what = names.CLEAR_CACHE if key is None else names.UPDATE_VERDICT
         log.warning("%s failed in the kernel, nothing changed: %s", what, event.message)
         self._out.append(cmd.ReplyError(client, msgid, ErrorCode.INTERNAL, f"kernel not updated: {event.message}"))
 
