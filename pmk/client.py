@@ -23,6 +23,7 @@ from typing import Any, cast
 import pmk
 from pmk.client_types import ConnectionList, DecideInfo, HelloResult, Role
 from pmk.config import default_endpoint
+from pmk.rpc import names
 from pmk.rpc.connection import RpcConnection
 from pmk.rpc.messages import ErrorCode, Notification, ProtocolViolation, Request, Response, wire_error
 from pmk.verdicts import DECIDE_VERDICTS, Verdict
@@ -60,7 +61,7 @@ DecideHandler = Callable[[DecideInfo], "Decision | Awaitable[Decision] | None"]
 #: ``bandwidth`` (a list of ``BandwidthEntry``).
 EventHandler = Callable[[str, Any], None]
 #: The notifications an observer receives (SPEC 8).
-EVENTS = ("connection_new", "connection_end", "bandwidth")
+EVENTS = (names.CONNECTION_NEW, names.CONNECTION_END, names.BANDWIDTH)
 
 
 class RemoteError(Exception):
@@ -123,15 +124,15 @@ class Client:
         hello: dict[str, Any] = {"protocol": pmk.PROTOCOL_VERSION, "name": name, "role": role}
         if payload:
             hello["payload"] = True
-        return cast(HelloResult, await self.call("hello", hello))
+        return cast(HelloResult, await self.call(names.HELLO, hello))
 
     async def list_connections(self, offset: int = 0, limit: int = 1000) -> ConnectionList:
         """One page of the connections with a cached verdict (SPEC 4)."""
-        return cast(ConnectionList, await self.call("list_connections", {"offset": offset, "limit": limit}))
+        return cast(ConnectionList, await self.call(names.LIST_CONNECTIONS, {"offset": offset, "limit": limit}))
 
     async def subscribe_bandwidth(self, seconds: float) -> None:
         """Receive ``bandwidth`` every ``seconds`` (0 stops it)."""
-        await self.call("subscribe", "bandwidth", seconds)
+        await self.call(names.SUBSCRIBE, names.BANDWIDTH, seconds)
 
     async def call(self, method: str, *params: Any) -> Any:
         """Call a server method and return its result; raise RemoteError on an error answer."""
@@ -176,7 +177,7 @@ class Client:
         self._flush()
 
     def _on_request(self, request: Request) -> None:
-        if request.method != "decide" or self.decide is None:
+        if request.method != names.DECIDE or self.decide is None:
             self.rpc.send_error(request.msgid, ErrorCode.UNKNOWN_METHOD, f"client has no {request.method!r}")
             return
         try:

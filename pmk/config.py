@@ -35,6 +35,13 @@ DEFAULT_VERDICT_CACHE = 65536
 # policy (pmk/policies/default.toml) ends in this default, with inbound SSH
 # accepted before it.
 DEFAULT_VERDICT = Verdict.BLOCK
+# decide requests outstanding per decider (SPEC 5.3): enough pipelining to
+# keep one decider busy (a round trip on a Unix socket is tens of
+# microseconds), few enough that its backlog stays fresh.
+DEFAULT_MAX_IN_FLIGHT = 256
+# Divert: receives with anything but cache hits per wake-up of the event loop:
+# one, so that a flood of new connections cannot starve decider sockets.
+DEFAULT_DIVERT_BATCHES_PER_WAKEUP = 1
 # Long enough for a decider to look at a payload, short enough that a TCP
 # handshake is not yet retried many times.
 DEFAULT_VERDICT_TIMEOUT = 2.0
@@ -90,7 +97,7 @@ class ServeConfig:
     policy_file: str = ""
     verdict_timeout: float = DEFAULT_VERDICT_TIMEOUT
     #: decide requests outstanding per decider before further asks wait (SPEC 5.3).
-    max_in_flight: int = 256
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     allow_uids: tuple[int, ...] = ()
     allow_gids: tuple[int, ...] = ()
     fail_open: bool = False
@@ -101,7 +108,7 @@ class ServeConfig:
     #: divert: packets per recv_ex/send_ex call (1..255).
     divert_batch: int = DEFAULT_DIVERT_BATCH
     #: divert: receives with anything but cache hits per wake-up of the event loop.
-    divert_batches_per_wakeup: int = 1
+    divert_batches_per_wakeup: int = DEFAULT_DIVERT_BATCHES_PER_WAKEUP
     #: divert (eBPFDivert): ring buffer bytes; 0 keeps the library's default (8 MiB).
     divert_ring_bytes: int = DEFAULT_RING_BYTES
     #: divert: packets the driver queues for pmk; 0 keeps the library's default.
@@ -384,7 +391,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue-num", Integer(0, 65535), 0, "nfqueue: the queue number", "queue_num"),
     Option("queue-maxlen", Integer(1), DEFAULT_QUEUE_MAXLEN, "nfqueue: kernel queue length", "queue_maxlen"),
     Option("divert-batch", Integer(1, 255), DEFAULT_DIVERT_BATCH, "divert: packets per receive", "divert_batch"),
-    Option("divert-wakeup-batches", Integer(1), 1, "divert: receives per wake-up", "divert_batches_per_wakeup"),
+    Option(
+        "divert-wakeup-batches",
+        Integer(1),
+        DEFAULT_DIVERT_BATCHES_PER_WAKEUP,
+        "divert: receives per wake-up",
+        "divert_batches_per_wakeup",
+    ),
     Option(
         "ring-bytes",
         Integer(0),

@@ -164,6 +164,8 @@ STATS = {
     "default_timeout": 2,
     "default_error": 0,
     "default_invalid": 0,
+    "preaccepted": 0,
+    "policy_hits": {"default": 6},
     "backend": "divert",
     "uptime": 12.5,
 }

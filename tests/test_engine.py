@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pmk.capture.base import CapturedPacket
 from pmk.core.engine import Engine
+from pmk.packet.captured import CapturedPacket
 from pmk.verdicts import Verdict
 from tests.packets import tcp, udp
 
@@ -23,14 +23,18 @@ def conn(port: int) -> CapturedPacket:
     return inbound(udp(A, B, port, 53))
 
 
+def make(packet_cache_size: int = 1024, verdict_cache_size: int = 65536) -> Engine:
+    return Engine(packet_cache_size=packet_cache_size, verdict_cache_size=verdict_cache_size)
+
+
 def assert_identity(engine: Engine) -> None:
     c = engine.counters
     assert c.captured == c.accepted + c.blocked + c.dropped + c.evicted + engine.pending
 
 
 def test_first_packet_is_held_and_asked_about() -> None:
-    engine = Engine()
-    engine.on_packets([conn(1000)], now=0.0)
+    engine = make()
+    engine.on_packets([conn(1000)])
     work = engine.outbox.take()
     assert [h.id for h in work.asks] == [1]
     assert work.applies == []
@@ -39,23 +43,23 @@ def test_first_packet_is_held_and_asked_about() -> None:
 
 
 def test_packets_of_a_pending_connection_wait_behind_one_request() -> None:
-    engine = Engine()
-    engine.on_packets([conn(1000), conn(1000), conn(1000)], now=0.0)
+    engine = make()
+    engine.on_packets([conn(1000), conn(1000), conn(1000)])
     work = engine.outbox.take()
     assert len(work.asks) == 1
     assert engine.pending == 3
 
 
 def test_permanent_verdict_settles_the_queue_and_later_packets_hit_the_cache() -> None:
-    engine = Engine()
+    engine = make()
     first, second = conn(1000), conn(1000)
-    engine.on_packets([first, second], now=0.0)
+    engine.on_packets([first, second])
     engine.outbox.take()
     assert engine.on_verdict(1, Verdict.ACCEPT, permanent=True)
     work = engine.outbox.take()
     assert work.applies == [([first, second], Verdict.ACCEPT, True)]
     later = conn(1000)
-    engine.on_packets([later], now=1.0)
+    engine.on_packets([later])
     work = engine.outbox.take()
     assert work.asks == [] and work.applies == [([later], Verdict.ACCEPT, False)]
     assert engine.counters.cache_hits == 1 and engine.counters.accepted == 3
@@ -63,20 +67,20 @@ def test_permanent_verdict_settles_the_queue_and_later_packets_hit_the_cache() -
 
 
 def test_reply_direction_shares_the_cached_verdict() -> None:
-    engine = Engine()
-    engine.on_packets([inbound(tcp(A, B, 40000, 80))], now=0.0)
+    engine = make()
+    engine.on_packets([inbound(tcp(A, B, 40000, 80))])
     engine.outbox.take()
     engine.on_verdict(1, Verdict.BLOCK, permanent=True)
     engine.outbox.take()
     reply = CapturedPacket(tcp(B, A, 80, 40000), outbound=True)
-    engine.on_packets([reply], now=0.0)
+    engine.on_packets([reply])
     assert engine.outbox.take().applies == [([reply], Verdict.BLOCK, False)]
 
 
 def test_temporary_verdict_answers_one_packet_and_asks_about_the_next() -> None:
-    engine = Engine()
+    engine = make()
     first, second = conn(1000), conn(1000)
-    engine.on_packets([first, second], now=0.0)
+    engine.on_packets([first, second])
     engine.outbox.take()
     engine.on_verdict(1, Verdict.DROP, permanent=False)
     work = engine.outbox.take()
@@ -87,54 +91,67 @@ def test_temporary_verdict_answers_one_packet_and_asks_about_the_next() -> None:
 
 
 def test_full_packet_cache_evicts_the_oldest_and_withdraws_its_request() -> None:
-    engine = Engine(packet_cache_size=4)
+    engine = make(packet_cache_size=4)
     packets = [conn(1000 + i) for i in range(4)]
-    engine.on_packets(packets, now=0.0)
+    engine.on_packets(packets)
     engine.outbox.take()
     newcomer = conn(2000)
-    engine.on_packets([newcomer], now=0.0)
+    engine.on_packets([newcomer])
     work = engine.outbox.take()
     assert work.applies == [([packets[0]], Verdict.DROP, False)]
     assert [h.id for h in work.withdrawn] == [1]
     assert [h.id for h in work.asks] == [5]
     assert engine.counters.evicted == 1 and engine.counters.dropped == 0
     assert not engine.on_verdict(1, Verdict.ACCEPT, permanent=True)  # gone
-    assert engine.counters.late_verdicts == 1
     assert_identity(engine)
 
 
 def test_evicting_a_connections_head_asks_about_its_next_packet() -> None:
-    engine = Engine(packet_cache_size=2)
-    engine.on_packets([conn(1000), conn(1000)], now=0.0)
+    engine = make(packet_cache_size=2)
+    engine.on_packets([conn(1000), conn(1000)])
     engine.outbox.take()
-    engine.on_packets([conn(3000)], now=0.0)
+    engine.on_packets([conn(3000)])
     work = engine.outbox.take()
     assert [h.id for h in work.withdrawn] == [1]
     assert sorted(h.id for h in work.asks) == [2, 3]
 
 
-def test_default_verdict_is_counted_and_never_cached() -> None:
-    engine = Engine(default_verdict=Verdict.BLOCK)
-    engine.on_packets([conn(1000)], now=0.0)
+def test_a_temporary_policy_verdict_is_counted_as_defaulted_and_never_cached() -> None:
+    engine = make()
+    engine.on_packets([conn(1000)])
     engine.outbox.take()
-    assert engine.on_default(1)
+    assert engine.on_verdict(1, Verdict.BLOCK, False, defaulted=True)
     work = engine.outbox.take()
     assert work.applies[0][1] is Verdict.BLOCK and work.applies[0][2] is False
     assert engine.counters.defaulted == 1 and engine.counters.blocked == 1
     assert len(engine.verdicts) == 0
 
 
-def test_unparseable_packet_takes_the_default_verdict() -> None:
-    engine = Engine(default_verdict=Verdict.DROP)
-    engine.on_packets([inbound(b"\x00garbage")], now=0.0)
-    assert engine.counters.unparsed == 1 and engine.counters.dropped == 1 and engine.counters.defaulted == 1
+def test_a_permanent_policy_verdict_is_cached_and_settles_the_connection() -> None:
+    engine = make()
+    engine.on_packets([conn(1000), conn(1000)])
+    engine.outbox.take()
+    assert engine.on_verdict(1, Verdict.DROP, True, defaulted=True)
+    assert engine.outbox.take().applies[0][1:] == (Verdict.DROP, True)
+    assert engine.counters.defaulted == 2 and len(engine.verdicts) == 1
+    assert_identity(engine)
+
+
+def test_an_unparseable_packet_is_handed_out_for_the_policy() -> None:
+    engine = make()
+    garbage = inbound(b"\x00garbage")
+    engine.on_packets([garbage])
+    assert engine.outbox.take().unparsed == [garbage]
+    assert engine.pending == 0 and engine.counters.unparsed == 1
+    engine.settle_unparsed([garbage], Verdict.DROP)
+    assert engine.counters.dropped == 1 and engine.counters.defaulted == 1
     assert_identity(engine)
 
 
 def test_update_verdict_settles_waiting_packets_and_withdraws_the_request() -> None:
-    engine = Engine()
+    engine = make()
     packet = conn(1000)
-    engine.on_packets([packet], now=0.0)
+    engine.on_packets([packet])
     engine.outbox.take()
     key = engine.held.get(1).key  # type: ignore[union-attr]
     engine.update_verdict(key, Verdict.BLOCK)
@@ -145,20 +162,22 @@ def test_update_verdict_settles_waiting_packets_and_withdraws_the_request() -> N
 
 
 def test_clear_cache_returns_the_count_and_next_packet_is_asked_again() -> None:
-    engine = Engine()
-    engine.on_packets([conn(1000)], now=0.0)
+    engine = make()
+    engine.on_packets([conn(1000)])
     engine.on_verdict(1, Verdict.ACCEPT, permanent=True)
     assert engine.clear_cache() == 1
     engine.outbox.take()
-    engine.on_packets([conn(1000)], now=0.0)
+    engine.on_packets([conn(1000)])
     assert len(engine.outbox.take().asks) == 1
 
 
-def test_shutdown_settles_every_held_packet_with_the_default() -> None:
-    engine = Engine(default_verdict=Verdict.DROP)
-    engine.on_packets([conn(1), conn(1), conn(2)], now=0.0)
+def test_shutdown_releases_every_held_packet_for_the_policy() -> None:
+    engine = make()
+    engine.on_packets([conn(1), conn(1), conn(2)])
     engine.outbox.take()
-    assert engine.settle_all_with_default() == 3
+    released = engine.release_all()
+    assert [h.id for h in released] == [1, 2, 3]
+    engine.settle_released(released, Verdict.DROP)
     assert engine.pending == 0 and engine.counters.dropped == 3 and engine.counters.defaulted == 3
     assert_identity(engine)
 
@@ -168,7 +187,7 @@ def test_shutdown_settles_every_held_packet_with_the_default() -> None:
 step = st.one_of(
     st.tuples(st.just("packets"), st.lists(st.integers(0, 5), min_size=1, max_size=6)),
     st.tuples(st.just("verdict"), st.integers(1, 40), st.sampled_from(list(Verdict)), st.booleans()),
-    st.tuples(st.just("default"), st.integers(1, 40)),
+    st.tuples(st.just("default"), st.integers(1, 40), st.booleans()),
     st.tuples(st.just("clear")),
 )
 
@@ -176,15 +195,15 @@ step = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(step, max_size=40), st.integers(1, 6))
 def test_the_accounting_identity_holds_after_any_sequence(steps: list[tuple], capacity: int) -> None:
-    engine = Engine(packet_cache_size=capacity, verdict_cache_size=3)
+    engine = make(packet_cache_size=capacity, verdict_cache_size=3)
     outcomes = 0
     for action in steps:
         if action[0] == "packets":
-            engine.on_packets([conn(1000 + c) for c in action[1]], now=0.0)
+            engine.on_packets([conn(1000 + c) for c in action[1]])
         elif action[0] == "verdict":
             engine.on_verdict(action[1], action[2], action[3])
         elif action[0] == "default":
-            engine.on_default(action[1])
+            engine.on_verdict(action[1], Verdict.BLOCK, action[2], defaulted=True)
         else:
             engine.clear_cache()
         work = engine.outbox.take()
@@ -201,14 +220,14 @@ def test_the_accounting_identity_holds_after_any_sequence(steps: list[tuple], ca
 @pytest.mark.parametrize("size", [0, -1])
 def test_caches_refuse_a_size_below_one(size: int) -> None:
     with pytest.raises(ValueError):
-        Engine(packet_cache_size=size)
+        make(packet_cache_size=size)
     with pytest.raises(ValueError):
-        Engine(verdict_cache_size=size)
+        make(verdict_cache_size=size)
 
 
 def test_whole_batch_fast_path_counts_only_when_every_run_is_accepted() -> None:
-    engine = Engine()
-    engine.on_packets([conn(1000), conn(2000)], now=0.0)
+    engine = make()
+    engine.on_packets([conn(1000), conn(2000)])
     accepted_key, blocked_key = (tuple(engine.held.get(i).key) for i in (1, 2))  # type: ignore[union-attr]
     engine.on_verdict(1, Verdict.ACCEPT, permanent=True)
     engine.on_verdict(2, Verdict.BLOCK, permanent=True)
@@ -230,15 +249,15 @@ def test_whole_batch_fast_path_counts_only_when_every_run_is_accepted() -> None:
 
 
 def test_per_connection_counters_survive_an_interleaved_miss() -> None:
-    engine = Engine()
-    engine.on_packets([conn(1000), conn(2000)], now=0.0)
+    engine = make()
+    engine.on_packets([conn(1000), conn(2000)])
     first, second = (engine.held.get(i).key for i in (1, 2))  # type: ignore[union-attr]
     engine.on_verdict(1, Verdict.ACCEPT, permanent=True)
     engine.on_verdict(2, Verdict.ACCEPT, permanent=True)
     engine.outbox.take()
     hits_before = engine.counters.cache_hits
     # Two hits of one connection, an IPv6 packet of a new one, a hit of another.
-    engine.on_packets([conn(1000), conn(1000), inbound(udp("fd00::1", "fd00::2", 5, 53)), conn(2000)], now=1.0)
+    engine.on_packets([conn(1000), conn(1000), inbound(udp("fd00::1", "fd00::2", 5, 53)), conn(2000)])
     assert engine.verdicts.get(first).packets == 2  # type: ignore[union-attr]
     assert engine.verdicts.get(second).packets == 1  # type: ignore[union-attr]
     assert engine.counters.cache_hits == hits_before + 3 and engine.counters.cache_misses == 3

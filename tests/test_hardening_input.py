@@ -164,6 +164,7 @@ async def test_random_bytes_truncated_and_oversized_frames() -> None:
         await peer.send(msgpack.packb([0, 2, "get_stats", [b"x" * (MAX_FRAME_BYTES + 1)]]))
         got = await peer.read_for(5.0)
         assert errors(got) == ["frame_too_large"] and peer.eof, got
+        peer.close()
         # Just under the maximum is an ordinary (invalid) request, answered.
         peer = await RawPeer.connect(path)
         await peer.send(msgpack.packb([0, 3, "get_stats", [b"x" * (MAX_FRAME_BYTES - 64)]]))

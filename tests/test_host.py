@@ -148,6 +148,8 @@ def scene() -> Iterator[Scene]:
                 assert owner.proc.stdin is not None
                 owner.proc.stdin.close()
                 owner.proc.wait(10)
+                if owner.proc.stdout is not None:
+                    owner.proc.stdout.close()  # unclosed pipes are ResourceWarnings, and warnings are errors
 
 
 def key(protocol: int, local: str, local_port: int, remote: str, remote_port: int) -> ConnKey:

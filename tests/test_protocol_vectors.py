@@ -11,19 +11,21 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import msgpack
 import pytest
 
 import pmk
-from pmk.capture.base import CaptureBackend
 from pmk.config import ServeConfig
+from pmk.core.commands import Forget, Reply, ReplyError, SendDecide
+from pmk.core.events import ClientJoined, ClientRequest, PacketsCaptured
+from pmk.core.service import Service
+from pmk.packet.captured import CapturedPacket
 from pmk.rpc.codec import MAX_DEPTH, MAX_FRAME_BYTES, Decoder, encode
 from pmk.rpc.connection import RpcConnection
 from pmk.rpc.messages import ErrorCode, Event, Message, Notification, ProtocolViolation, Request, Response
-from pmk.server.app import Server
+from tests.packets import udp
 
 VECTORS = json.loads((Path(__file__).parent.parent / "protocol" / "vectors.json").read_text())
 TRAILER = bytes.fromhex("9302a5747261696c90")  # [2, "trail", []]
@@ -151,30 +153,46 @@ def test_incomplete_vector(vector: dict[str, Any]) -> None:
         assert decoder.buffered() == len(data)
 
 
-class _NoCapture(CaptureBackend):
-    """A capture side that never delivers a packet: the calls need none."""
+class _NoCapture:
+    """What the service knows of a backend that never delivers a packet: the calls need none."""
 
     name = "none"
+    kernel_verdict_cache = False
 
-    def start(self, loop: Any, sink: Any) -> None:
-        pass
+    def stats(self) -> dict[str, int]:
+        return {"bypassed": 0}
 
-    def apply(self, packets: Any, verdict: Any, permanent: bool) -> None:
-        raise AssertionError("no packet was captured, so none can get a verdict")
 
-    def close(self) -> None:
-        pass
+def _service() -> Service:
+    config = ServeConfig(endpoint="/nonexistent/pmk.sock")
+    return Service(
+        backend=_NoCapture(),
+        policy=config.policy,
+        packet_cache=config.packet_cache,
+        verdict_cache=config.verdict_cache,
+        verdict_timeout=config.verdict_timeout,
+        max_in_flight=config.max_in_flight,
+        started=0.0,
+    )
 
 
 @pytest.mark.parametrize("vector", by_name("calls"))
 def test_call_vector(vector: dict[str, Any]) -> None:
-    server = Server(ServeConfig(endpoint="/nonexistent/pmk.sock"), _NoCapture())
-    session = SimpleNamespace(id=1, rpc=RpcConnection(), name="", role="observer")
+    service = _service()
+    service.handle(ClientJoined(1), now=1.0)
     request = Request(41, vector["method"], from_json(vector["params"]))
-    # Through the wire format, so what the test sends is what a client would.
+    # Through the wire format both ways, so what the test sends and reads is what a client would.
     (decoded,) = Decoder().feed(encode(request))
-    server.on_request(session, decoded)  # type: ignore[arg-type]
-    (answer,) = Decoder().feed(session.rpc.data_to_send())
+    assert isinstance(decoded, Request)
+    out = service.handle(ClientRequest(1, decoded.msgid, decoded.method, decoded.params), now=1.0)
+    (reply,) = [c for c in out if isinstance(c, Reply | ReplyError)]
+    wire = RpcConnection()
+    if isinstance(reply, ReplyError):
+        wire.send_error(reply.msgid, reply.code, reply.message)
+    else:
+        assert isinstance(reply, Reply)
+        wire.send_response(reply.msgid, None, reply.result)
+    (answer,) = Decoder().feed(wire.data_to_send())
     assert isinstance(answer, Response) and answer.msgid == 41
     if "error" in vector:
         assert answer.result is None
@@ -191,10 +209,9 @@ def test_call_vector(vector: dict[str, Any]) -> None:
 
 def test_stats_vector_names_every_counter_the_server_reports() -> None:
     """The documented get_stats example lists what a real server returns, and obeys the identity."""
-    server = Server(ServeConfig(endpoint="/nonexistent/pmk.sock"), _NoCapture())
     (example,) = [v for v in VECTORS["valid"] if v["name"] == "get_stats_result"]
     documented = from_json(example["message"]["result"])
-    assert set(server.stats()) == set(documented)
+    assert set(_service().stats(now=1.0)) == set(documented)
     settled = sum(documented[k] for k in ("accepted", "blocked", "dropped", "evicted", "pending"))
     assert documented["captured"] == settled
     assert not math.isnan(documented["uptime"])
@@ -202,22 +219,14 @@ def test_stats_vector_names_every_counter_the_server_reports() -> None:
 
 def test_a_decider_turning_observer_hands_its_requests_on() -> None:
     """SPEC 5.4: outstanding decides move to another decider, as on a disconnect."""
-    from pmk.capture.base import CapturedPacket
-    from tests.packets import udp
-
-    server = Server(ServeConfig(endpoint="/nonexistent/pmk.sock"), _NoCapture())
-    first, second = (
-        SimpleNamespace(id=i, rpc=RpcConnection(), name="", role="observer", schedule_flush=lambda: None)
-        for i in (1, 2)
-    )
-    for session in (first, second):
-        server.sessions[session.id] = session  # type: ignore[assignment]
-    server._hello(first, [{"protocol": 1, "role": "decider"}])  # type: ignore[arg-type]
-    server._on_packets([CapturedPacket(udp("198.18.0.1", "198.18.0.2", 4000, 53, b"q"), outbound=True)])
-    (asked,) = Decoder().feed(first.rpc.data_to_send())
-    assert isinstance(asked, Request) and asked.method == "decide"
-    server._hello(second, [{"protocol": 1, "role": "decider"}])  # type: ignore[arg-type]
-    server._hello(first, [{"protocol": 1, "role": "observer"}])  # type: ignore[arg-type]
-    (moved,) = Decoder().feed(second.rpc.data_to_send())
-    assert isinstance(moved, Request) and moved.params[0]["id"] == asked.params[0]["id"]
-    assert server.dispatcher.owner(asked.params[0]["id"]).session == second.id  # type: ignore[union-attr]
+    service = _service()
+    hello = [{"protocol": 1, "role": "decider"}]
+    service.handle_all([ClientJoined(1), ClientJoined(2), ClientRequest(1, 0, "hello", hello)], now=1.0)
+    packet = CapturedPacket(udp("198.18.0.1", "198.18.0.2", 4000, 53, b"q"), outbound=True)
+    (asked,) = [c for c in service.handle(PacketsCaptured([packet]), now=1.0) if isinstance(c, SendDecide)]
+    assert asked.client == 1
+    service.handle(ClientRequest(2, 0, "hello", hello), now=1.0)
+    out = service.handle(ClientRequest(1, 1, "hello", [{"protocol": 1, "role": "observer"}]), now=1.0)
+    (moved,) = [c for c in out if isinstance(c, SendDecide)]
+    assert moved.client == 2 and moved.info["id"] == asked.info["id"]
+    assert Forget(1, asked.msgid) in out  # a late answer from the first is dropped quietly

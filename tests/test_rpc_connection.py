@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 
 from pmk.rpc.codec import Decoder, encode
 from pmk.rpc.connection import RpcConnection
-from pmk.rpc.messages import MSGID_LIMIT, ErrorCode, Notification, ProtocolViolation, Request, Response
+from pmk.rpc.messages import MSGID_LIMIT, ErrorCode, LateResponse, Notification, ProtocolViolation, Request, Response
 
 
 def sent(connection: RpcConnection) -> list[object]:
@@ -58,12 +59,11 @@ def test_an_answer_to_a_request_never_sent_is_a_violation() -> None:
     )
 
 
-def test_a_late_answer_after_forget_is_dropped_quietly_once() -> None:
+def test_a_late_answer_after_forget_is_reported_as_late_once() -> None:
     connection = RpcConnection()
     msgid = connection.send_request("decide", [], context=17)
     assert connection.forget(msgid) == 17
-    assert connection.receive(answer(msgid, {"verdict": "block"})) == []
-    assert connection.late_responses == 1
+    assert connection.receive(answer(msgid, {"verdict": "block"})) == [LateResponse(msgid)]
     # A second answer to the same request is no longer "late": it is wrong.
     (again,) = connection.receive(answer(msgid, {"verdict": "block"}))
     assert isinstance(again, ProtocolViolation) and again.code is ErrorCode.UNKNOWN_MSGID
@@ -82,8 +82,19 @@ def test_the_memory_of_abandoned_requests_is_bounded() -> None:
     for msgid in ids:
         connection.forget(msgid)
     events = connection.receive(answer(ids[0]) + answer(ids[-1]))
-    assert len(events) == 1 and isinstance(events[0], ProtocolViolation)  # the oldest is forgotten
-    assert connection.late_responses == 1
+    assert isinstance(events[0], ProtocolViolation)  # the oldest is forgotten
+    assert events[1:] == [LateResponse(ids[-1])]
+
+
+def test_a_caller_chosen_msgid_is_used_and_must_be_free() -> None:
+    connection = RpcConnection()
+    assert connection.send_request("decide", [], msgid=7) == 7
+    with pytest.raises(ValueError):
+        connection.send_request("decide", [], msgid=7)
+    with pytest.raises(ValueError):
+        connection.send_request("decide", [], msgid=MSGID_LIMIT)
+    (response,) = connection.receive(answer(7))
+    assert isinstance(response, Response) and response.msgid == 7
 
 
 def test_output_is_batched_into_one_buffer_in_order() -> None:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from pmk.capture.base import CaptureBackend, CapturedPacket, PacketSink
+from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError, PacketSink
 from pmk.client import Client, Decision, RemoteError
 from pmk.config import ServeConfig
+from pmk.core.policy import default_only
 from pmk.server.app import Server
-from pmk.verdicts import Verdict
+from pmk.verdicts import ConnKey, Verdict
 from tests.packets import udp
 
 
@@ -55,7 +57,7 @@ async def served() -> AsyncIterator[tuple[Server, RecordingBackend, str]]:
     os.chmod(directory, 0o700)
     path = os.path.join(directory, "pmk.sock")
     backend = RecordingBackend()
-    config = ServeConfig(endpoint=path, verdict_timeout=0.3, default_verdict=Verdict.DROP)
+    config = ServeConfig(endpoint=path, verdict_timeout=0.3, policy=default_only(Verdict.DROP))
     server = Server(config, backend)
     await server.start()
     try:
@@ -243,3 +245,52 @@ async def test_an_answer_after_the_timeout_counts_as_late(served) -> None:  # ty
     assert backend.applied == [(packet(4), Verdict.DROP, False)]  # the default, not the late accept
     assert server.stats()["protocol_errors"] == 0
     decider.close()
+
+
+class SlowKernelBackend(RecordingBackend):
+    """A kernel verdict cache whose updates take a while, and fail when told to."""
+
+    kernel_verdict_cache = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.fail = False
+        self.marks: dict[object, Verdict | None] = {}
+
+    def update_connection(self, key: ConnKey, verdict: Verdict | None) -> None:
+        assert self.release.wait(10), "the test never let the update finish"
+        if self.fail:
+            raise KernelUpdateError("conntrack refused")
+        self.marks[key] = verdict
+
+
+async def test_a_kernel_update_runs_off_the_loop_and_a_failure_is_an_internal_error() -> None:
+    directory = tempfile.mkdtemp(prefix="pmk-test-")
+    path = os.path.join(directory, "pmk.sock")
+    backend = SlowKernelBackend()
+    server = Server(ServeConfig(endpoint=path, policy=default_only(Verdict.DROP)), backend)
+    await server.start()
+    try:
+        tool = await Client.connect(path)
+        conn = {"protocol": 17, "local_ip": "198.18.0.2", "local_port": 53, "remote_ip": "198.18.0.1", "remote_port": 9}
+        update = asyncio.ensure_future(tool.call("update_verdict", conn, "block"))
+        # While the kernel update blocks its worker, the loop still answers.
+        stats = await asyncio.wait_for(tool.call("get_stats"), 2)
+        assert stats["verdict_cache_entries"] == 0 and not update.done()
+        backend.release.set()
+        assert await asyncio.wait_for(update, 5) is True
+        assert list(backend.marks.values()) == [Verdict.BLOCK]
+        assert (await tool.call("get_stats"))["verdict_cache_entries"] == 1
+        backend.fail = True
+        with pytest.raises(RemoteError) as error:
+            await tool.call("update_verdict", conn, "accept")
+        assert error.value.code == "internal_error"
+        # The old verdict is still in force in pmk's cache (and the kernel's, the stand-in says).
+        backend.push(packet(9))
+        assert backend.applied[-1] == (packet(9), Verdict.BLOCK, True)
+        assert list(backend.marks.values()) == [Verdict.BLOCK]
+        tool.close()
+    finally:
+        await server.stop()
+        os.rmdir(directory)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(commands: argparse._SubParsersAction[Any]) -> None:
     bench = commands.add_parser("bench", help="measure pmk against the kernel and bare pydivert (root)")
     bench.add_argument("--quick", action="store_true", help="seconds, not minutes: one short repeat of each row")
     bench.add_argument("--repeats", type=int, default=None, help="repeats per row (median is shown)")

@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import Any
 
 from pmk.client import Decision, run_decider
+from pmk.client_types import DecideInfo
 
 _ACCEPT = Decision("accept", permanent=True)
 
 
-def decide(info: dict[str, Any]) -> Decision:
+def decide(info: DecideInfo) -> Decision:
     return _ACCEPT
 
 

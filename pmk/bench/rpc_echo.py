@@ -20,6 +20,7 @@ import time
 import msgpack
 
 from pmk.loop import run as run_loop
+from pmk.rpc import names
 
 _ANSWER = {"verdict": "accept", "permanent": True}
 _INFO = {
@@ -78,7 +79,7 @@ class _Caller(asyncio.Protocol):
         for _ in range(n):
             msgid = self.sent
             _INFO["id"] = msgid
-            out += msgpack.packb([0, msgid, "decide", [_INFO]])
+            out += msgpack.packb([0, msgid, names.DECIDE, [_INFO]])
             self.sent_at[msgid] = now
             self.sent += 1
         if out:

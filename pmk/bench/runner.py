@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pmk.bench.procs import Proc, ProcGroup
+from pmk.rpc import names
 from pmk.testing.netns import TwoHosts, need_root_reason, two_hosts
 
 PY = sys.executable
@@ -406,7 +407,7 @@ class PmkHandle:
         async def get() -> dict[str, Any]:
             client = await Client.connect(self.sock)
             try:
-                return await asyncio.wait_for(client.call("get_stats"), 5)
+                return await asyncio.wait_for(client.call(names.GET_STATS), 5)
             finally:
                 client.close()
 
@@ -475,7 +476,8 @@ def report(bench: Bench) -> str:
         lat50 = added(m, "p50") if workload != "tcp" else "-"
         lat99 = added(m, "p99") if workload != "tcp" else "-"
         rss = res.get((row, "udp")) or res.get((row, "conns"))
-        rss_mb = rss.get("rss") / 2**20 if rss and rss.get("rss") else None
+        rss_bytes = rss.get("rss") if rss else None
+        rss_mb = rss_bytes / 2**20 if rss_bytes else None
         bypassed = rss.get("bypassed") if rss and workload in ("udp", "conns") else None
         lines.append(
             f"{_ROW_NAMES.get(row, row):32} {workload:11} {rate:>22} {lat50:>20} {lat99:>20} "

@@ -9,46 +9,24 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
+from pmk.packet.captured import CacheProbe, CacheRun, CapturedPacket, KeyTuple, PacketSink
 from pmk.verdicts import ConnKey, Verdict
 
-
-class CapturedPacket:
-    """One intercepted packet, owned by pmk until a verdict is applied.
-
-    ``raw`` starts with the IP header. ``token`` is whatever the backend needs
-    to carry out a verdict later (an address record, a queue packet id).
-    """
-
-    __slots__ = ("if_index", "outbound", "raw", "sub_if_index", "token")
-
-    def __init__(
-        self,
-        raw: bytes,
-        outbound: bool,
-        if_index: int = 0,
-        sub_if_index: int = 0,
-        token: Any = None,
-    ) -> None:
-        self.raw = raw
-        self.outbound = outbound
-        self.if_index = if_index
-        self.sub_if_index = sub_if_index
-        self.token = token
+__all__ = [
+    "CacheProbe",
+    "CacheRun",
+    "CaptureBackend",
+    "CapturedPacket",
+    "KernelUpdateError",
+    "KeyTuple",
+    "PacketSink",
+]
 
 
-# The sink receives each batch as the backend drains it: one call per batch,
-# never per packet, so the event loop is not entered once per packet.
-PacketSink = Callable[[list[CapturedPacket]], None]
-
-# A run of consecutive packets of one IPv4 connection: (key tuple as a
-# ConnKey's fields, packet count, byte count).
-CacheRun = tuple[tuple[int, bytes, int, bytes, int], int, int]
-# Given a batch as runs, True (and counted) when every run's connection is
-# cached as accepted: the backend may then re-inject the batch untouched.
-CacheProbe = Callable[[list[CacheRun]], bool]
+class KernelUpdateError(Exception):
+    """The kernel's verdict cache could not be changed; the message says why."""
 
 
 class CaptureBackend(abc.ABC):
@@ -78,10 +56,14 @@ class CaptureBackend(abc.ABC):
         """
 
     def update_connection(self, key: ConnKey, verdict: Verdict | None) -> None:  # noqa: B027
-        """Change (or with None, forget) a kernel-side verdict of a live connection."""
+        """Change (or with None, forget) a kernel-side verdict of a live connection.
+
+        Blocking: the server calls it in a worker thread, never on the event
+        loop. Raises KernelUpdateError when the kernel could not be changed.
+        """
 
     def forget_all(self) -> None:  # noqa: B027
-        """Forget every kernel-side verdict (clear_cache)."""
+        """Forget every kernel-side verdict (clear_cache); blocking and raising like update_connection."""
 
     def stats(self) -> dict[str, int]:
         """Backend counters; ``bypassed`` counts packets that escaped the verdict."""

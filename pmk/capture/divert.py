@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import pydivert
 
 from pmk.capture.base import CacheRun, CaptureBackend, CapturedPacket, PacketSink
-from pmk.config import DEFAULT_DIVERT_BATCH, DEFAULT_RING_BYTES
-from pmk.packet.parse import parse_flow
+from pmk.config import DEFAULT_DIVERT_BATCH, DEFAULT_DIVERT_BATCHES_PER_WAKEUP, DEFAULT_RING_BYTES
+from pmk.packet.parse import parse_flow, simple_ipv4_runs
 from pmk.packet.reject import reject_packet
 from pmk.verdicts import Verdict
 
@@ -44,10 +44,6 @@ _FLAGS_BYTE = 10
 _OUTBOUND_BIT = 0x02
 # WinDivert's batch limit; eBPFDivert accepts the same.
 MAX_BATCH = 255
-# Batches with anything but cache hits handled per wake-up before yielding to
-# the event loop, so that a flood of new connections cannot starve decider
-# sockets (their answers, and get_stats, are read in between).
-BATCHES_PER_WAKEUP = 1
 # Batches that were all cache hits need no decider: drain up to this many per wake-up.
 CACHED_BATCHES_PER_WAKEUP = 8
 # Big enough for MAX_BATCH full-size packets (64 KiB GSO aggregates included).
@@ -76,6 +72,43 @@ def flipped_address(address: bytes) -> bytes:
     return bytes(record)
 
 
+def split_batch(buf: bytearray, total: int, records: bytes) -> tuple[list[CapturedPacket], bool]:
+    """Packets received back to back in ``buf[:total]``, one 80-byte address record each.
+
+    The second value is True when the packets cover ``buf[:total]`` exactly,
+    one per record: only then may the batch be re-injected from the buffer.
+    """
+    view = memoryview(buf)
+    interfaces = _INTERFACES.unpack_from
+    packets: list[CapturedPacket] = []
+    append = packets.append
+    offset = 0
+    for start in range(0, len(records) - ADDRESS_BYTES + 1, ADDRESS_BYTES):
+        if offset >= total:
+            break
+        first = buf[offset]
+        if first >> 4 == 4:
+            length = buf[offset + 2] << 8 | buf[offset + 3]
+        elif first >> 4 == 6:
+            length = 40 + (buf[offset + 4] << 8 | buf[offset + 5])
+        else:
+            length = 0
+        # A GSO aggregate may carry 0 in the length field; it then fills the rest.
+        end = offset + length if length else total
+        if_index, sub_if_index = interfaces(records, start + 16)
+        append(
+            CapturedPacket(
+                bytes(view[offset : min(end, total)]),
+                bool(records[start + _FLAGS_BYTE] & _OUTBOUND_BIT),
+                if_index,
+                sub_if_index,
+                records[start : start + ADDRESS_BYTES],
+            )
+        )
+        offset = end
+    return packets, len(packets) * ADDRESS_BYTES == len(records) and offset == total
+
+
 class DivertBackend(CaptureBackend):
     """Capture with pydivert; see the module docstring for the two paths."""
 
@@ -89,7 +122,7 @@ class DivertBackend(CaptureBackend):
         batch: int = DEFAULT_DIVERT_BATCH,
         ring_bytes: int = DEFAULT_RING_BYTES,
         queue_len: int | None = None,
-        batches_per_wakeup: int = BATCHES_PER_WAKEUP,
+        batches_per_wakeup: int = DEFAULT_DIVERT_BATCHES_PER_WAKEUP,
         interfaces: list[str] | None = None,
     ) -> None:
         self.filter = filter
@@ -164,7 +197,8 @@ class DivertBackend(CaptureBackend):
         elif verdict is Verdict.BLOCK:
             replies = []
             for packet in packets:
-                flow = parse_flow(packet.raw)
+                # Held packets carry the flow parsed when they were held; cache hits are parsed here.
+                flow = packet.flow or parse_flow(packet.raw)
                 reply = reject_packet(packet.raw, flow) if flow is not None else None
                 if reply is not None:
                     replies.append((reply, flipped_address(packet.token)))
@@ -236,7 +270,6 @@ class _LinuxBatchIO:
         self._buffer_c = (ctypes.c_char * len(self._buffer)).from_buffer(self._buffer)
         self._addresses = (WinDivertAddress * MAX_BATCH)()
         self._address_view = memoryview(self._addresses).cast("B")
-        self._view = memoryview(self._buffer)
         self._current: list[CapturedPacket] | None = None
         self._received = ctypes.c_uint32(0)
         self._count = ctypes.c_uint32(0)
@@ -268,37 +301,9 @@ class _LinuxBatchIO:
         Only a 12-byte slice per packet is taken here: when the whole batch
         turns out to be cached, no per-packet object is ever built.
         """
-        count, total = self._count.value, self._received.value
-        buf, flags = self._buffer, self._address_view
-        runs: list[CacheRun] = []
-        append = runs.append
-        last = None
-        last_proto = last_out = -1
-        key: tuple[int, bytes, int, bytes, int] = (0, b"", 0, b"", 0)
-        n = size = offset = 0
-        for flag_at in range(_FLAGS_BYTE, count * ADDRESS_BYTES, ADDRESS_BYTES):
-            proto = buf[offset + 9] if offset + 24 <= total else 0
-            if buf[offset] != 0x45 or (proto != 6 and proto != 17) or buf[offset + 6] & 0x1F or buf[offset + 7]:
-                return None
-            length = buf[offset + 2] << 8 | buf[offset + 3]
-            end = offset + length if length else total
-            out = flags[flag_at] & _OUTBOUND_BIT
-            ends = buf[offset + 12 : offset + 24]  # source, destination, source port, destination port
-            if ends != last or proto != last_proto or out != last_out:
-                if n:
-                    append((key, n, size))
-                    n = size = 0
-                last, last_proto, last_out = ends, proto, out
-                src, dst = bytes(ends[0:4]), bytes(ends[4:8])
-                sport, dport = ends[8] << 8 | ends[9], ends[10] << 8 | ends[11]
-                key = (proto, src, sport, dst, dport) if out else (proto, dst, dport, src, sport)
-            n += 1
-            size += end - offset
-            offset = end
-        if offset != total or not n:
-            return None
-        append((key, n, size))
-        return runs
+        count = self._count.value
+        flags = self._address_view[_FLAGS_BYTE : count * ADDRESS_BYTES : ADDRESS_BYTES]
+        return simple_ipv4_runs(self._buffer, self._received.value, map(_OUTBOUND_BIT.__and__, flags))
 
     def packets(self) -> list[CapturedPacket]:
         """The received batch as packets.
@@ -307,37 +312,11 @@ class _LinuxBatchIO:
         buffer); the buffer itself stays as received until the next receive,
         so that a fully accepted batch goes back without being rebuilt.
         """
-        count, total = self._count.value, self._received.value
-        buf, view = self._buffer, self._view
-        records = bytes(self._address_view[: count * ADDRESS_BYTES])
-        interfaces = _INTERFACES.unpack_from
-        packets = []
-        append = packets.append
-        offset = 0
-        for start in range(0, count * ADDRESS_BYTES, ADDRESS_BYTES):
-            if offset >= total:
-                break
-            first = buf[offset]
-            if first >> 4 == 4:
-                length = buf[offset + 2] << 8 | buf[offset + 3]
-            elif first >> 4 == 6:
-                length = 40 + (buf[offset + 4] << 8 | buf[offset + 5])
-            else:
-                length = 0
-            # A GSO aggregate may carry 0 in the length field; it then fills the rest.
-            end = offset + length if length else total
-            if_index, sub_if_index = interfaces(records, start + 16)
-            append(
-                CapturedPacket(
-                    bytes(view[offset:end]),
-                    bool(records[start + _FLAGS_BYTE] & _OUTBOUND_BIT),
-                    if_index,
-                    sub_if_index,
-                    records[start : start + ADDRESS_BYTES],
-                )
-            )
-            offset = end
-        if len(packets) == count and offset == total:
+        count = self._count.value
+        packets, whole = split_batch(
+            self._buffer, self._received.value, bytes(self._address_view[: count * ADDRESS_BYTES])
+        )
+        if whole:
             self._current = packets
         return packets
 

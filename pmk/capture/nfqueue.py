@@ -27,13 +27,12 @@ from typing import Any
 
 from pmk.capture import netfilter_rules as rules
 from pmk.capture.base import CaptureBackend, CapturedPacket, PacketSink
+from pmk.config import DEFAULT_QUEUE_MAXLEN
 from pmk.packet.parse import TCP, UDP, parse_flow
 from pmk.verdicts import ConnKey, Verdict
 
 #: Packets taken per readable event, so one flood cannot starve the event loop.
 MAX_BATCH = 256
-#: Default kernel queue length: packets held without a verdict before the kernel drops.
-DEFAULT_QUEUE_MAXLEN = 1024
 #: netfilterqueue copies at most this much of each packet (its receive buffer
 #: is 4 KiB); raw is truncated there, headers are always whole.
 COPY_RANGE = 4016
@@ -283,6 +282,7 @@ class NfqueueBackend(CaptureBackend):
         Accept also goes through NF_REPEAT so the host's own INPUT/OUTPUT rules
         after pmk's jump still judge the packet.
         """
+        code: rules.MarkCode | None
         if verdict is Verdict.ACCEPT:
             code, counter = (rules.MarkCode.ACCEPT if permanent else rules.MarkCode.ACCEPT_ONCE), "accepted"
         elif verdict is Verdict.BLOCK:
@@ -303,11 +303,12 @@ class NfqueueBackend(CaptureBackend):
                 continue
             self._counts[counter] += 1
             if permanent and verdict is not Verdict.ACCEPT:
-                self._remember_dropped_flow(cp.raw, code)
+                self._remember_dropped_flow(cp, code)
 
-    def _remember_dropped_flow(self, raw: bytes, code: int | None) -> None:
+    def _remember_dropped_flow(self, packet: CapturedPacket, code: int | None) -> None:
         """Re-create the conntrack entry a dropped first packet took along (see create_flow)."""
-        flow = parse_flow(raw)
+        raw = packet.raw
+        flow = packet.flow or parse_flow(raw)  # held packets were parsed when held
         if flow is None or flow.protocol not in (TCP, UDP) or code is None or self._pool is None:
             return
         if flow.protocol == TCP:

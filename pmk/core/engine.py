@@ -8,35 +8,45 @@ packet of the connection; a temporary one settles only its packet, and the
 next waiting packet is asked about anew. When the packet cache is full the
 oldest held packet is evicted and its request withdrawn.
 
-The engine never does I/O: it records what must happen in an ``Outbox``
-that the asyncio shell carries out (apply verdicts, send or withdraw
-requests).
+The engine never does I/O and knows nothing of deciders: it records what
+must happen in an ``Outbox`` (apply verdicts, ask about or withdraw a held
+packet, settle unparseable packets) that the service (``service.py``) turns
+into requests and commands.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pmk.capture.base import CacheRun, CapturedPacket
 from pmk.core.packet_cache import HeldPacket, PacketCache
 from pmk.core.stats import Counters
 from pmk.core.verdict_cache import VerdictCache
-from pmk.packet.parse import parse_flow
+from pmk.packet.captured import CacheRun, CapturedPacket, KeyTuple
+from pmk.packet.parse import parse_flow, simple_ipv4_key
 from pmk.verdicts import ConnKey, Verdict
+
+#: One group of packets that got one verdict: (packets, verdict, permanent).
+Apply = tuple[list[CapturedPacket], Verdict, bool]
 
 
 class Outbox:
     """What the shell must do after an engine call, in order of kind."""
 
-    __slots__ = ("applies", "asks", "withdrawn")
+    __slots__ = ("applies", "asks", "kernel_hits", "unparsed", "withdrawn")
 
     def __init__(self) -> None:
-        self.applies: list[tuple[list[CapturedPacket], Verdict, bool]] = []
+        self.applies: list[Apply] = []
+        #: held packets to ask about (each the head of its connection's queue)
         self.asks: list[HeldPacket] = []
+        #: held packets whose request is no longer wanted (evicted or settled by update_verdict)
         self.withdrawn: list[HeldPacket] = []
+        #: packets without a readable key: the fallback policy's default settles them
+        self.unparsed: list[CapturedPacket] = []
+        #: with ``hits_permanent``: cache hits, handed to the kernel now (decided "by cache")
+        self.kernel_hits: list[tuple[list[CapturedPacket], Verdict]] = []
 
     def __bool__(self) -> bool:
-        return bool(self.applies or self.asks or self.withdrawn)
+        return bool(self.applies or self.asks or self.withdrawn or self.unparsed or self.kernel_hits)
 
     def take(self) -> Outbox:
         """Hand over the recorded work and start empty."""
@@ -44,29 +54,27 @@ class Outbox:
         taken.applies, self.applies = self.applies, []
         taken.asks, self.asks = self.asks, []
         taken.withdrawn, self.withdrawn = self.withdrawn, []
+        taken.unparsed, self.unparsed = self.unparsed, []
+        taken.kernel_hits, self.kernel_hits = self.kernel_hits, []
         return taken
 
 
 class Engine:
     """Verdict cache, packet cache and counters for one capture backend."""
 
-    def __init__(
-        self,
-        *,
-        packet_cache_size: int = 1024,
-        verdict_cache_size: int = 65536,
-        default_verdict: Verdict = Verdict.BLOCK,
-    ) -> None:
+    def __init__(self, *, packet_cache_size: int, verdict_cache_size: int, hits_permanent: bool = False) -> None:
         self.verdicts = VerdictCache(verdict_cache_size)
         self.held = PacketCache(packet_cache_size)
-        self.default_verdict = default_verdict
+        #: Cache hits are applied as permanent: a backend with a kernel verdict
+        #: cache then hands the connection to the kernel (nfqueue marks it).
+        self.hits_permanent = hits_permanent
         self.counters = Counters()
         self.outbox = Outbox()
         self._next_id = 1
 
     # -- packets in ----------------------------------------------------------
 
-    def on_packets(self, packets: Iterable[CapturedPacket], now: float) -> None:
+    def on_packets(self, packets: Iterable[CapturedPacket]) -> None:
         """Settle cache hits, hold and ask about the rest.
 
         This runs for every captured packet, so the common case (IPv4 TCP or
@@ -79,18 +87,15 @@ class Engine:
         accept = Verdict.ACCEPT
         accepted: list[CapturedPacket] = []
         others: dict[Verdict, list[CapturedPacket]] = {}
-        last_key: tuple[int, bytes, int, bytes, int] | None = None
+        last_key: KeyTuple | None = None
         entry = None
         hits = hit_bytes = captured = 0
         for packet in packets:
             captured += 1
             raw = packet.raw
-            fast = len(raw) >= 24 and raw[0] == 0x45 and (raw[9] == 6 or raw[9] == 17) and not (raw[6] & 0x1F or raw[7])
-            if fast:
-                if packet.outbound:
-                    key = (raw[9], raw[12:16], raw[20] << 8 | raw[21], raw[16:20], raw[22] << 8 | raw[23])
-                else:
-                    key = (raw[9], raw[16:20], raw[22] << 8 | raw[23], raw[12:16], raw[20] << 8 | raw[21])
+            fast = simple_ipv4_key(raw, packet.outbound)
+            if fast is not None:
+                key = fast
                 if key != last_key:
                     if entry is not None:
                         entry.packets += hits
@@ -109,12 +114,11 @@ class Engine:
             flow = parse_flow(raw)
             if flow is None:
                 counters.unparsed += 1
-                counters.defaulted += 1
-                others.setdefault(self.default_verdict, []).append(packet)
+                self.outbox.unparsed.append(packet)
                 continue
             key = flow.key(packet.outbound)
             # A fast-path packet got here because its key is not cached: no second lookup.
-            hit = None if fast else lookup(key)
+            hit = None if fast is not None else lookup(key)
             if hit is not None:
                 hit.packets += 1
                 hit.bytes += len(raw)
@@ -125,7 +129,8 @@ class Engine:
                     others.setdefault(hit.verdict, []).append(packet)
                 continue
             counters.cache_misses += 1
-            self._hold(HeldPacket(self._next_id, packet, flow, key, now))
+            packet.flow = flow  # a block builds its reset from it
+            self._hold(HeldPacket(self._next_id, packet, key))
             self._next_id += 1
             # A verdict for this key may now be cached; the next packet looks it up anew.
             if entry is not None:
@@ -139,12 +144,17 @@ class Engine:
             entry.bytes += hit_bytes
         counters.captured += captured
         counters.cache_hits += hits
+        permanent = self.hits_permanent
         if accepted:
             counters.accepted += len(accepted)
-            self.outbox.applies.append((accepted, Verdict.ACCEPT, False))
+            self.outbox.applies.append((accepted, Verdict.ACCEPT, permanent))
+            if permanent:
+                self.outbox.kernel_hits.append((accepted, Verdict.ACCEPT))
         for verdict, group in others.items():
             self._count(verdict, len(group))
-            self.outbox.applies.append((group, verdict, False))
+            self.outbox.applies.append((group, verdict, permanent))
+            if permanent:
+                self.outbox.kernel_hits.append((group, verdict))
 
     def accept_cached(self, runs: list[CacheRun]) -> bool:
         """Whole-batch fast path: True, and counted, if every run's connection is cached as accepted.
@@ -182,7 +192,6 @@ class Engine:
 
     def _ask(self, held: HeldPacket) -> None:
         self.held.connections[held.key].asked = held.id
-        self.counters.requests += 1
         self.outbox.asks.append(held)
 
     def _evict_oldest(self) -> None:
@@ -194,7 +203,6 @@ class Engine:
         # Evicted packets are discarded; the backend must still let go of them.
         self.outbox.applies.append(([oldest.packet], Verdict.DROP, False))
         if was_asked:
-            self.counters.withdrawn += 1
             self.outbox.withdrawn.append(oldest)
             if waiting is not None:
                 self._ask(waiting.packets[0])
@@ -202,21 +210,25 @@ class Engine:
     # -- verdicts in ---------------------------------------------------------
 
     def is_asked(self, packet_id: int) -> bool:
-        """True while ``packet_id`` is held and its request is still wanted."""
+        """True while ``packet_id`` is held and is the one its connection is asked about."""
         held = self.held.get(packet_id)
         return held is not None and self.held.connections[held.key].asked == packet_id
 
     def on_verdict(self, packet_id: int, verdict: Verdict, permanent: bool, *, defaulted: bool = False) -> bool:
-        """Apply a decider's (or the default) verdict; False if the packet is gone."""
+        """Settle the asked-about ``packet_id`` (by a decider, or the policy with ``defaulted``).
+
+        A permanent verdict is cached and settles every packet waiting behind
+        it; a temporary one settles this packet and asks about the next.
+        False, and nothing done, if the packet is not held and asked about.
+        """
         if not self.is_asked(packet_id):
-            self.counters.late_verdicts += 1
             return False
         held = self.held.get(packet_id)
         assert held is not None
-        if permanent and not defaulted:
+        if permanent:
             self.verdicts.put(held.key, verdict)
             settled = self.held.release_connection(held.key)
-            self._settle([h.packet for h in settled], verdict, True, defaulted=False)
+            self._settle([h.packet for h in settled], verdict, True, defaulted=defaulted)
             return True
         waiting = self.held.release(held)
         self._settle([held.packet], verdict, False, defaulted=defaulted)
@@ -224,9 +236,9 @@ class Engine:
             self._ask(waiting.packets[0])
         return True
 
-    def on_default(self, packet_id: int) -> bool:
-        """Settle ``packet_id`` with the default verdict (no decider, timeout, error)."""
-        return self.on_verdict(packet_id, self.default_verdict, False, defaulted=True)
+    def settle_unparsed(self, packets: list[CapturedPacket], verdict: Verdict) -> None:
+        """Settle packets without a key (the policy's default, never cached)."""
+        self._settle(packets, verdict, False, defaulted=True)
 
     def _settle(self, packets: list[CapturedPacket], verdict: Verdict, permanent: bool, *, defaulted: bool) -> None:
         self._count(verdict, len(packets))
@@ -256,21 +268,31 @@ class Engine:
         for held in settled:
             if held.id == asked:
                 # The decider's answer is no longer wanted.
-                self.counters.withdrawn += 1
                 self.outbox.withdrawn.append(held)
 
     def clear_cache(self) -> int:
         """Forget every cached verdict; return how many there were."""
         return self.verdicts.clear()
 
-    def settle_all_with_default(self) -> int:
-        """At shutdown: every held packet gets the default verdict."""
+    def preaccept(self, keys: Iterable[ConnKey]) -> int:
+        """Cache ``keys`` as accepted without asking (connections that existed at start)."""
+        count = 0
+        for key in keys:
+            self.verdicts.put(key, Verdict.ACCEPT)
+            count += 1
+        self.counters.preaccepted += count
+        return count
+
+    def release_all(self) -> list[HeldPacket]:
+        """At shutdown: take every held packet out, oldest first; the caller settles them."""
         held = self.held.all_packets()
         for key in list(self.held.connections):
             self.held.release_connection(key)
-        if held:
-            self._settle([h.packet for h in held], self.default_verdict, False, defaulted=True)
-        return len(held)
+        return held
+
+    def settle_released(self, held: list[HeldPacket], verdict: Verdict) -> None:
+        """Settle packets ``release_all`` handed out (the policy's verdict, not cached)."""
+        self._settle([h.packet for h in held], verdict, False, defaulted=True)
 
     # -- reading -------------------------------------------------------------
 

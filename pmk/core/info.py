@@ -1,4 +1,4 @@
-"""The ``decide`` request's description of a held packet."""
+"""The ``decide`` request's description of a held packet, built in this one place."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pmk.verdicts import ip_text
 
 def decide_info(held: HeldPacket) -> dict[str, Any]:
     """The info map of protocol/SPEC.md, built once per asked packet."""
-    packet, key = held.packet, held.key
+    packet, key, flow = held.packet, held.key, held.packet.flow
+    assert flow is not None  # parsed when the packet was held
     return {
         "id": held.id,
         "direction": "outbound" if packet.outbound else "inbound",
-        "ip_version": held.flow.ip_version,
+        "ip_version": flow.ip_version,
         "protocol": key.protocol,
         "local_ip": ip_text(key.local_ip),
         "local_port": key.local_port,

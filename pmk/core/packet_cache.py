@@ -9,22 +9,19 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from pmk.capture.base import CapturedPacket
-from pmk.packet.parse import Flow
+from pmk.packet.captured import CapturedPacket
 from pmk.verdicts import ConnKey
 
 
 class HeldPacket:
-    """A captured packet with the id a decider refers to it by."""
+    """A captured packet (its ``flow`` parsed) with the id a decider refers to it by."""
 
-    __slots__ = ("flow", "held_at", "id", "key", "packet")
+    __slots__ = ("id", "key", "packet")
 
-    def __init__(self, packet_id: int, packet: CapturedPacket, flow: Flow, key: ConnKey, held_at: float) -> None:
+    def __init__(self, packet_id: int, packet: CapturedPacket, key: ConnKey) -> None:
         self.id = packet_id
         self.packet = packet
-        self.flow = flow
         self.key = key
-        self.held_at = held_at
 
 
 class WaitingConnection:

@@ -1,39 +1,29 @@
-"""Packet accounting.
+"""Packet accounting (request counters live with the requests, ``requests.py``).
 
 Invariant, true between any two events: every captured packet is in exactly
 one of accepted, blocked, dropped, evicted, or still held (pending).
-``defaulted`` counts the outcomes that came from the default verdict.
+``defaulted`` counts the outcomes that came from the fallback policy.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 
+
+@dataclass(slots=True)
 class Counters:
     """Plain integer counters; the engine bumps them on the packet path."""
 
-    __slots__ = (
-        "accepted",
-        "blocked",
-        "cache_hits",
-        "cache_misses",
-        "captured",
-        "defaulted",
-        "dropped",
-        "evicted",
-        "late_verdicts",
-        "requests",
-        "timeouts",
-        "unparsed",
-        "withdrawn",
-    )
-
-    def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+    accepted: int = 0
+    blocked: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    captured: int = 0
+    defaulted: int = 0
+    dropped: int = 0
+    evicted: int = 0
+    preaccepted: int = 0
+    unparsed: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def settled(self) -> int:
-        """Packets that reached an outcome."""
-        return self.accepted + self.blocked + self.dropped + self.evicted
+        return {f.name: getattr(self, f.name) for f in fields(self)}

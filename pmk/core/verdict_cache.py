@@ -59,10 +59,6 @@ class VerdictCache:
         self._entries[key] = entry
         return entry
 
-    def remove(self, key: ConnKey) -> bool:
-        """Forget ``key``; True if it was cached."""
-        return self._entries.pop(key, None) is not None
-
     def clear(self) -> int:
         """Forget everything; return how many entries there were."""
         count = len(self._entries)

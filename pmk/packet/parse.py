@@ -3,10 +3,18 @@
 This runs once per captured packet, so it slices bytes and never builds a
 packet object. Anything it cannot read yields None and the packet is treated
 as unparseable by the caller (it still ends in an outcome).
+
+Most packets are *simple*: IPv4 without options, not a fragment, TCP or UDP.
+Their key is read from fixed offsets (``simple_ipv4_key`` for one packet,
+``simple_ipv4_runs`` for a receive buffer of many) as a plain tuple that
+finds ConnKey entries; anything else goes through ``parse_flow``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from pmk.packet.captured import CacheRun, KeyTuple
 from pmk.verdicts import ConnKey
 
 TCP = 6
@@ -102,3 +110,64 @@ def parse_flow(raw: bytes | bytearray | memoryview) -> Flow | None:
         src_port = raw[offset] << 8 | raw[offset + 1]
         dst_port = raw[offset + 2] << 8 | raw[offset + 3]
     return Flow(version, protocol, src, dst, src_port, dst_port, offset)
+
+
+def conn_key(raw: bytes, outbound: bool) -> ConnKey | None:
+    """The packet's connection key, local side first; None when it cannot be read."""
+    flow = parse_flow(raw)
+    return flow.key(outbound) if flow is not None else None
+
+
+def simple_ipv4_key(raw: bytes, outbound: bool) -> KeyTuple | None:
+    """The key of a simple packet (see the module docstring), local side first; None for any other packet."""
+    if len(raw) < 24 or raw[0] != 0x45:
+        return None
+    protocol = raw[9]
+    if (protocol != TCP and protocol != UDP) or raw[6] & 0x1F or raw[7]:
+        return None
+    if outbound:
+        return (protocol, raw[12:16], raw[20] << 8 | raw[21], raw[16:20], raw[22] << 8 | raw[23])
+    return (protocol, raw[16:20], raw[22] << 8 | raw[23], raw[12:16], raw[20] << 8 | raw[21])
+
+
+def simple_ipv4_runs(buf: bytearray, total: int, outbound: Iterable[int]) -> list[CacheRun] | None:
+    """Packets packed back to back in ``buf[:total]`` as runs of one connection each.
+
+    ``outbound`` gives one truth value per packet. None unless every packet is
+    simple and the IP lengths add up to ``total`` exactly. The test is
+    ``simple_ipv4_key``'s, written out over the buffer: only a 12-byte slice
+    is taken per packet, and a key is built once per run, so a batch that
+    turns out to be cached costs no per-packet object.
+    """
+    runs: list[CacheRun] = []
+    append = runs.append
+    last = None
+    last_proto = -1
+    last_out = False
+    key: KeyTuple = (0, b"", 0, b"", 0)
+    n = size = offset = 0
+    for flag in outbound:
+        out = bool(flag)
+        if offset + 24 > total or buf[offset] != 0x45:
+            return None
+        proto = buf[offset + 9]
+        if (proto != TCP and proto != UDP) or buf[offset + 6] & 0x1F or buf[offset + 7]:
+            return None
+        length = buf[offset + 2] << 8 | buf[offset + 3]
+        end = offset + length if length else total  # a GSO aggregate may carry 0: it fills the rest
+        ends = buf[offset + 12 : offset + 24]  # source, destination, source port, destination port
+        if ends != last or proto != last_proto or out != last_out:
+            if n:
+                append((key, n, size))
+                n = size = 0
+            last, last_proto, last_out = ends, proto, out
+            src, dst = bytes(ends[0:4]), bytes(ends[4:8])
+            sport, dport = ends[8] << 8 | ends[9], ends[10] << 8 | ends[11]
+            key = (proto, src, sport, dst, dport) if out else (proto, dst, dport, src, sport)
+        n += 1
+        size += end - offset
+        offset = end
+    if offset != total or not n:
+        return None
+    append((key, n, size))
+    return runs

@@ -11,7 +11,8 @@ frame. protocol/SPEC.md is the contract this implements.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import msgpack
 
@@ -42,7 +43,7 @@ _FEED_SLICE = 64 * 1024
 
 # One packer for every frame: msgpack.packb builds a new Packer per call. pack()
 # runs in C without releasing the GIL, so sharing it between threads is safe.
-_pack = msgpack.Packer(use_bin_type=True).pack
+_pack: Callable[[object], bytes] = msgpack.Packer(use_bin_type=True).pack
 
 
 def encode(message: Message) -> bytes:
@@ -121,7 +122,7 @@ def _content_problem(value: object, depth: int = 1) -> str | None:
     elif kind in _SCALARS:
         return None
     elif kind is _BadMap:
-        return value.reason  # type: ignore[attr-defined]
+        return cast(_BadMap, value).reason
     else:  # ExtType, Timestamp
         return "ext types are not used by this protocol"
     if depth > MAX_DEPTH:

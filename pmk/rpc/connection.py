@@ -15,12 +15,13 @@ from pmk.rpc.messages import (
     MSGID_LIMIT,
     ErrorCode,
     Event,
+    LateResponse,
     ProtocolViolation,
     Response,
     wire_error,
 )
+from pmk.rpc.names import PROTOCOL_ERROR
 
-PROTOCOL_ERROR_NOTIFICATION = "protocol_error"
 # Abandoned msgids remembered so that an answer arriving just after its
 # timeout or withdrawal is dropped quietly instead of flagged as an error.
 _ABANDONED_MEMORY = 4096
@@ -36,19 +37,21 @@ class RpcConnection:
         self.outstanding: dict[int, Any] = {}
         self._out = bytearray()
         self._abandoned: OrderedDict[int, None] = OrderedDict()
-        #: Answers that came after their request was abandoned.
-        self.late_responses = 0
 
     # -- receiving -----------------------------------------------------------
 
     def receive(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Decode ``data``; responses to requests we never sent become violations."""
+        """Decode ``data``; responses to requests we never sent become violations.
+
+        The first answer to an abandoned request (``forget``) comes out as a
+        ``LateResponse``: not an error on the wire, but worth counting.
+        """
         events = self.decoder.feed(data)
         kept: list[Event] = []
         for event in events:
             if isinstance(event, Response) and event.msgid not in self.outstanding:
                 if self._abandoned.pop(event.msgid, False) is None:
-                    self.late_responses += 1
+                    kept.append(LateResponse(event.msgid))
                     continue
                 event = ProtocolViolation(
                     ErrorCode.UNKNOWN_MSGID, f"no request with msgid {event.msgid} is outstanding", False
@@ -62,9 +65,16 @@ class RpcConnection:
 
     # -- sending -------------------------------------------------------------
 
-    def send_request(self, method: str, params: list[Any], context: Any = None) -> int:
-        """Queue a request; return its msgid."""
-        msgid = self._allocate_msgid()
+    def send_request(self, method: str, params: list[Any], context: Any = None, msgid: int | None = None) -> int:
+        """Queue a request; return its msgid.
+
+        ``msgid`` lets the caller choose the id (the server's decision core
+        numbers its requests itself); it must not be outstanding.
+        """
+        if msgid is None:
+            msgid = self._allocate_msgid()
+        elif msgid in self.outstanding or not 0 <= msgid < MSGID_LIMIT:
+            raise ValueError(f"msgid {msgid} is outstanding or out of range")
         self.outstanding[msgid] = context
         self._out += encode_request(msgid, method, params)
         return msgid
@@ -91,7 +101,7 @@ class RpcConnection:
         if violation.msgid is not None:
             self.send_error(violation.msgid, violation.code, violation.message)
         else:
-            self.send_notification(PROTOCOL_ERROR_NOTIFICATION, [wire_error(violation.code, violation.message)])
+            self.send_notification(PROTOCOL_ERROR, [wire_error(violation.code, violation.message)])
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call, as one buffer."""

@@ -29,7 +29,6 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_PACKET = "unknown_packet"
     UNSUPPORTED_PROTOCOL = "unsupported_protocol"
     NOT_PERMITTED = "not_permitted"
-    OVERLOADED = "overloaded"
     INTERNAL = "internal_error"
 
 
@@ -74,5 +73,12 @@ class ProtocolViolation:
     msgid: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LateResponse:
+    """An answer to a request this side had abandoned (``RpcConnection.forget``)."""
+
+    msgid: int
+
+
 Message = Request | Response | Notification
-Event = Request | Response | Notification | ProtocolViolation
+Event = Request | Response | Notification | ProtocolViolation | LateResponse

@@ -1,87 +1,95 @@
-"""The server: capture backend, decision engine and client sessions wired together.
+"""The server: the asyncio shell around the decision service.
 
-Data flow: the backend hands a batch to ``_on_packets``; the engine settles
-cache hits and records requests; ``carry_out`` applies verdicts through the
-backend and sends ``decide`` requests to deciders. Answers come back through
-``on_response``. Timeouts are one timer armed for the earliest deadline.
+It turns I/O into events (a batch from the capture backend, what a client
+sent, the timer, a kernel update finishing) and carries out the commands the
+service returns: apply verdicts through the backend, write to clients, arm
+the timer, run blocking kernel updates in a worker thread. Every decision
+rule is in ``pmk.core.service``; this module has none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pmk
-from pmk.capture.base import CaptureBackend, CapturedPacket
+from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError
 from pmk.config import ServeConfig
-from pmk.core.dispatch import Dispatcher
-from pmk.core.engine import Engine
-from pmk.core.info import decide_info
-from pmk.rpc.messages import ErrorCode, ProtocolViolation, Request, Response
+from pmk.core import commands as cmd
+from pmk.core import events as ev
+from pmk.core.policy import Policy
+from pmk.core.service import Service
+from pmk.rpc.messages import ErrorCode
+from pmk.rpc.names import DECIDE
 from pmk.server import endpoint
-from pmk.server.methods import (
-    InvalidParams,
-    check_decision,
-    check_hello,
-    check_no_params,
-    check_packet_id,
-    check_update_verdict,
-)
 from pmk.server.session import ClientSession
 from pmk.server.watch import BypassWatch
-from pmk.verdicts import Verdict
+from pmk.verdicts import ConnKey
 
 log = logging.getLogger(__name__)
+decisions = logging.getLogger("pmk.decisions")
 
 
 class Server:
-    """One pmk instance: owns the backend, the engine and every session."""
+    """One pmk instance: owns the backend, the service and every session."""
 
-    def __init__(self, config: ServeConfig, backend: CaptureBackend) -> None:
+    def __init__(
+        self,
+        config: ServeConfig,
+        backend: CaptureBackend,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.backend = backend
-        self.engine = Engine(
-            packet_cache_size=config.packet_cache,
-            verdict_cache_size=config.verdict_cache,
-            default_verdict=config.default_verdict,
+        self._clock = clock
+        self.service = Service(
+            backend=backend,
+            policy=config.policy,
+            packet_cache=config.packet_cache,
+            verdict_cache=config.verdict_cache,
+            verdict_timeout=config.verdict_timeout,
+            max_in_flight=config.max_in_flight,
+            started=clock(),
         )
-        self.dispatcher = Dispatcher(config.verdict_timeout, config.max_in_flight)
         self.sessions: dict[int, ClientSession] = {}
         self._next_session = 1
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: asyncio.AbstractServer | None = None
-        self._started = time.monotonic()
-        self.counters_slow_clients = 0
-        self.protocol_errors = 0
-        # Late answers are dropped in the RPC layer; their count outlives the session.
-        self._late_answers_of_gone_sessions = 0
-        self.refused_clients = 0
-        self.default_reasons: dict[str, int] = {"no_decider": 0, "timeout": 0, "error": 0, "invalid": 0}
+        # One worker: kernel updates run in the order they were asked for.
+        self._kernel_worker: ThreadPoolExecutor | None = None
+        #: Called with every Decided record (the decision log); DEBUG lines by default.
+        self.on_decided: Callable[[cmd.Decided], None] = _log_decided
         self.bypass_watch = BypassWatch(lambda: self.backend.stats().get("bypassed", 0))
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, existing: Sequence[ConnKey] = ()) -> None:
+        """Listen, enter ``existing`` connections as accepted, then start capturing."""
         self._loop = asyncio.get_running_loop()
         self._listener = await endpoint.listen(self.config, self._new_session)
-        self.backend.cache_probe = self.engine.accept_cached
+        if existing:
+            self._run([ev.Preaccept(tuple(existing))])
+        self.backend.cache_probe = self.service.accept_cached
         self.backend.start(self._loop, self._on_packets)
         self.bypass_watch.start(self._loop)
         log.info("pmk %s serving on %s with the %s backend", pmk.__version__, self.config.endpoint, self.backend.name)
 
     async def stop(self) -> None:
-        """Default verdict for everything held, then release backend and endpoint."""
-        settled = self.engine.settle_all_with_default()
-        if settled:
-            log.info("shutdown: %d held packets got the default verdict", settled)
-        self.carry_out()
+        """The fallback policy for everything held, then release backend and endpoint."""
+        self._run([ev.Shutdown()])
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         self.bypass_watch.stop()
+        if self._kernel_worker is not None:
+            self._kernel_worker.shutdown(wait=False, cancel_futures=True)
+            self._kernel_worker = None
         try:
             self.backend.close()
         finally:
@@ -98,275 +106,124 @@ class Server:
         self._next_session += 1
         return session
 
-    def admit(self, session: ClientSession, transport: asyncio.Transport) -> dict[str, str] | None:
+    def replace_policy(self, policy: Policy) -> None:
+        """Decide with ``policy`` from the next packet on (SIGHUP)."""
+        self.service.replace_policy(policy)
+
+    # -- I/O into events -----------------------------------------------------
+
+    def admit(self, session: ClientSession, transport: asyncio.BaseTransport) -> dict[str, str] | None:
         """Check the peer's identity; return the error to send it, or None to admit it."""
         refusal = endpoint.check_peer(self.config, transport)
         if refusal is not None:
-            self.refused_clients += 1
             log.warning("refused a client: %s", refusal)
+            self._run([ev.ClientRefused()])
             return {"code": ErrorCode.NOT_PERMITTED.value, "message": refusal}
         self.sessions[session.id] = session
+        self._run([ev.ClientJoined(session.id)])
         return None
 
-    # -- packets -------------------------------------------------------------
+    def on_events(self, events: Sequence[ev.Event]) -> None:
+        """A session's events (one read, or its end)."""
+        for event in events:
+            if type(event) is ev.ClientLeft:
+                self.sessions.pop(event.client, None)
+        self._run(events)
 
     def _on_packets(self, packets: list[CapturedPacket]) -> None:
-        self.engine.on_packets(packets, time.monotonic())
-        self.carry_out()
+        self._run((ev.PacketsCaptured(packets),))
 
-    def carry_out(self) -> None:
-        """Do what the engine recorded, until asking produces no more defaults."""
-        engine = self.engine
-        while True:
-            while engine.outbox:
-                work = engine.outbox.take()
-                for packets, verdict, permanent in _coalesced(work.applies):
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._run((ev.Tick(),))
+
+    def _kernel_done(self, op: int, future: Future[None]) -> None:
+        if future.cancelled():
+            return  # shutting down
+        error = future.exception()
+        if error is None:
+            self._run((ev.KernelUpdated(op),))
+            return
+        if not isinstance(error, KernelUpdateError):
+            log.error("kernel update failed unexpectedly", exc_info=error)
+        self._run((ev.KernelUpdateFailed(op, str(error) or type(error).__name__),))
+
+    # -- commands out --------------------------------------------------------
+
+    def _run(self, events: Iterable[ev.Event]) -> None:
+        self._carry_out(self.service.handle_all(events, self._clock()))
+
+    def _carry_out(self, commands: list[cmd.Command]) -> None:
+        sessions = self.sessions
+        written: set[ClientSession] = set()
+        for command in commands:
+            match command:
+                case cmd.Apply(packets, verdict, permanent):
                     self.backend.apply(packets, verdict, permanent)
-                for held in work.withdrawn:
-                    self._withdraw(held.id)
-                now = time.monotonic()
-                for held in work.asks:
-                    self._send_decide(held.id, now)
-            self._pump_waiting(time.monotonic())
-            if not engine.outbox:
-                break
-        self._arm_timer()
+                case cmd.SendDecide(client, msgid, info):
+                    if (session := sessions.get(client)) is not None:
+                        session.send_request(DECIDE, [info], msgid)
+                        written.add(session)
+                case cmd.Decided():
+                    self.on_decided(command)
+                case cmd.ArmTimer(at):
+                    self._arm_timer(at)
+                case cmd.UpdateConnection(op, key, verdict):
+                    self._in_worker(op, self.backend.update_connection, key, verdict)
+                case cmd.ForgetConnections(op):
+                    self._in_worker(op, self.backend.forget_all)
+                case cmd.Reply(client, msgid, result):
+                    if (session := sessions.get(client)) is not None:
+                        session.respond(msgid, result)
+                        written.add(session)
+                case cmd.ReplyError(client, msgid, code, message):
+                    if (session := sessions.get(client)) is not None:
+                        session.respond_error(msgid, code, message)
+                        written.add(session)
+                case cmd.Notify(client, method, params):
+                    if (session := sessions.get(client)) is not None:
+                        session.notify(method, params)
+                        written.add(session)
+                case cmd.Forget(client, msgid):
+                    if (session := sessions.get(client)) is not None:
+                        session.forget(msgid)
+        for session in written:
+            session.schedule_flush()
 
-    def _withdraw(self, packet_id: int) -> None:
-        """The packet is gone: cancel its parked ask or tell its decider."""
-        if self.dispatcher.unpark(packet_id):
-            return
-        # The request stays outstanding (and keeps its decider's slot) until it
-        # is answered or times out; the answer is then dropped as late.
-        assignment = self.dispatcher.withdraw(packet_id)
-        if assignment is not None:
-            session = self.sessions.get(assignment.session)
-            if session is not None:
-                session.rpc.send_notification("withdrawn", [packet_id])
-                session.schedule_flush()
-
-    def _send_decide(self, packet_id: int, now: float, deadline: float | None = None) -> None:
-        """Ask the least-loaded decider about a packet, park the ask, or settle it by default."""
-        held = self.engine.held.get(packet_id)
-        if held is None or not self.engine.is_asked(packet_id):
-            return
-        target = self.dispatcher.pick()
-        if target is None:
-            self.default_reasons["no_decider"] += 1
-            self.engine.on_default(packet_id)
-            return
-        if deadline is None and (self.dispatcher.waiting() or not self.dispatcher.has_room(target)):
-            # Oldest first: a new ask never overtakes parked ones.
-            self.dispatcher.wait(packet_id, now)
-            return
-        session = self.sessions[target]
-        msgid = session.rpc.send_request("decide", [decide_info(held)], context=packet_id)
-        self.dispatcher.assign(packet_id, target, msgid, now, deadline)
-        session.schedule_flush()
-
-    def _pump_waiting(self, now: float) -> None:
-        """Send parked asks while a decider has room (or default them if none is left)."""
-        dispatcher, held = self.dispatcher, self.engine.held
-        while dispatcher.waiting():
-            target = dispatcher.pick()
-            if target is not None and not dispatcher.has_room(target):
-                return
-            # Under pressure the oldest packets are the next to be evicted: ask about the youngest.
-            parked = dispatcher.next_waiting(newest=len(held) * 4 >= held.capacity * 3)
-            assert parked is not None
-            self._send_decide(parked[0], now, deadline=parked[1])
-
-    def _arm_timer(self) -> None:
-        deadline = self.dispatcher.next_deadline()
-        if deadline is None or self._loop is None or deadline == self._timer_at:
+    def _arm_timer(self, at: float) -> None:
+        if self._loop is None:
             return
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer = self._loop.call_later(max(0.0, at - self._clock()), self._on_timer)
 
-    def _on_timer(self) -> None:
-        self._timer = self._timer_at = None
-        now = time.monotonic()
-        for packet_id in self.dispatcher.expired_waiting(now):
-            self.engine.counters.timeouts += 1
-            self.default_reasons["timeout"] += 1
-            self.engine.on_default(packet_id)
-        for packet_id, assignment in self.dispatcher.expired(now):
-            session = self.sessions.get(assignment.session)
-            if session is not None:
-                session.rpc.forget(assignment.msgid)
-            if packet_id is None:
-                continue  # a withdrawn request that was never answered: its slot is free again
-            self.engine.counters.timeouts += 1
-            self.default_reasons["timeout"] += 1
-            self.engine.on_default(packet_id)
-        self.carry_out()
+    def _in_worker(self, op: int, call: Callable[..., None], *args: object) -> None:
+        """Run a blocking kernel update off the event loop; its end comes back as an event."""
+        assert self._loop is not None
+        if self._kernel_worker is None:
+            self._kernel_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmk-kernel")
+        future = self._kernel_worker.submit(call, *args)
+        loop = self._loop
 
-    # -- client messages -----------------------------------------------------
+        def report(done: Future[None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while the update ran
+                loop.call_soon_threadsafe(self._kernel_done, op, done)
 
-    def on_response(self, session: ClientSession, response: Response) -> None:
-        """Record a decider's answer; the session calls ``carry_out()`` once per read, for all its answers."""
-        packet_id = session.rpc.take_context(response)
-        if self.dispatcher.settle_withdrawn(session.id, response.msgid):
-            self.engine.counters.late_verdicts += 1  # its freed slot is used by carry_out()
-            return
-        assignment = self.dispatcher.owner(packet_id)
-        if assignment is None or assignment.session != session.id or assignment.msgid != response.msgid:
-            self.engine.counters.late_verdicts += 1
-            return
-        self.dispatcher.complete(packet_id)
-        if response.error is not None:
-            log.info("decider %s answered packet %d with an error: %r", session.name, packet_id, response.error)
-            self.default_reasons["error"] += 1
-            self.engine.on_default(packet_id)
-        else:
-            try:
-                verdict, permanent = check_decision(response.result)
-            except InvalidParams as error:
-                self.default_reasons["invalid"] += 1
-                session.rpc.send_notification(
-                    "protocol_error", [{"code": ErrorCode.INVALID_PARAMS.value, "message": str(error)}]
-                )
-                self.engine.on_default(packet_id)
-            else:
-                self.engine.on_verdict(packet_id, verdict, permanent)
-
-    def on_violation(self, session: ClientSession, violation: ProtocolViolation) -> None:
-        self.protocol_errors += 1
-        log.info("client %s: %s (%s)", session.id, violation.message, violation.code.value)
-
-    def on_request(self, session: ClientSession, request: Request) -> None:
-        handler = self._methods.get(request.method)
-        if handler is None:
-            session.rpc.send_error(request.msgid, ErrorCode.UNKNOWN_METHOD, f"no method {request.method!r}")
-            return
-        try:
-            result = handler(self, session, request.params)
-        except InvalidParams as error:
-            session.rpc.send_error(request.msgid, ErrorCode.INVALID_PARAMS, str(error))
-        except _MethodError as error:
-            session.rpc.send_error(request.msgid, error.code, str(error))
-        else:
-            session.rpc.send_response(request.msgid, None, result)
-        if request.method == "hello":
-            self.carry_out()  # a new decider may take parked asks
-
-    def on_session_lost(self, session: ClientSession) -> None:
-        self.sessions.pop(session.id, None)
-        self._late_answers_of_gone_sessions += session.rpc.late_responses
-        orphans = self.dispatcher.remove_decider(session.id)
-        if orphans:
-            log.info("decider %s left with %d requests pending; re-asking", session.name, len(orphans))
-        now = time.monotonic()
-        for packet_id in orphans:
-            self._send_decide(packet_id, now)
-        self.carry_out()
-
-    # -- methods -------------------------------------------------------------
-
-    def _hello(self, session: ClientSession, params: list[Any]) -> dict[str, Any]:
-        protocol, name, role = check_hello(params)
-        if protocol != pmk.PROTOCOL_VERSION:
-            raise _MethodError(ErrorCode.UNSUPPORTED_PROTOCOL, f"this server speaks protocol {pmk.PROTOCOL_VERSION}")
-        session.name, session.role = name, role
-        if role == "decider":
-            self.dispatcher.add_decider(session.id)
-        else:
-            # A decider turning observer must not strand what it was asked: re-ask elsewhere.
-            now = time.monotonic()
-            for packet_id in self.dispatcher.remove_decider(session.id):
-                self._send_decide(packet_id, now)
-            self.carry_out()
-        return {"protocol": pmk.PROTOCOL_VERSION, "version": pmk.__version__, "backend": self.backend.name}
-
-    def _get_payload(self, session: ClientSession, params: list[Any]) -> bytes:
-        packet_id = check_packet_id(params, "get_payload")
-        held = self.engine.held.get(packet_id)
-        if held is None:
-            raise _MethodError(ErrorCode.UNKNOWN_PACKET, f"packet {packet_id} is not held")
-        return bytes(held.packet.raw)
-
-    def _get_stats(self, session: ClientSession, params: list[Any]) -> dict[str, Any]:
-        check_no_params(params, "get_stats")
-        return self.stats()
-
-    def _get_version(self, session: ClientSession, params: list[Any]) -> dict[str, Any]:
-        check_no_params(params, "get_version")
-        return {"protocol": pmk.PROTOCOL_VERSION, "version": pmk.__version__}
-
-    def _clear_cache(self, session: ClientSession, params: list[Any]) -> int:
-        check_no_params(params, "clear_cache")
-        removed = self.engine.clear_cache()
-        self.backend.forget_all()
-        return removed
-
-    def _update_verdict(self, session: ClientSession, params: list[Any]) -> bool:
-        key, verdict = check_update_verdict(params)
-        self.engine.update_verdict(key, verdict)
-        self.backend.update_connection(key, verdict)
-        self.carry_out()
-        return True
-
-    _methods = {
-        "hello": _hello,
-        "get_payload": _get_payload,
-        "get_stats": _get_stats,
-        "get_version": _get_version,
-        "clear_cache": _clear_cache,
-        "update_verdict": _update_verdict,
-    }
+        future.add_done_callback(report)
 
     # -- reading -------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = self.engine.stats()
-        for name, value in self.backend.stats().items():
-            # The engine's accounting wins; a backend counter of the same name
-            # (nfqueue counts its own accepted/blocked/dropped) gets a prefix.
-            stats[f"{self.backend.name}_{name}" if name in stats else name] = value
-        stats["deciders"] = self.dispatcher.deciders
-        stats["clients"] = len(self.sessions)
-        stats["in_flight"] = self.dispatcher.in_flight()
-        stats["late_verdicts"] += self._late_answers_of_gone_sessions + sum(
-            session.rpc.late_responses for session in self.sessions.values()
+    def stats(self) -> dict[str, object]:
+        return self.service.stats(self._clock())
+
+
+def _log_decided(decided: cmd.Decided) -> None:
+    if decisions.isEnabledFor(logging.DEBUG):
+        decisions.debug(
+            "%s %s %s (%s%s)",
+            decided.verdict.value,
+            "permanent" if decided.permanent else "once",
+            decided.key,
+            decided.by,
+            f" {decided.name}" if decided.name else "",
         )
-        stats["waiting_for_decider"] = self.dispatcher.waiting()
-        stats["withdrawn_in_flight"] = self.dispatcher.withdrawn_in_flight()
-        stats["protocol_errors"] = self.protocol_errors
-        stats["refused_clients"] = self.refused_clients
-        stats["slow_clients"] = self.counters_slow_clients
-        for reason, count in self.default_reasons.items():
-            stats[f"default_{reason}"] = count
-        stats["backend"] = self.backend.name
-        stats["uptime"] = round(time.monotonic() - self._started, 3)
-        return stats
-
-
-_Apply = tuple[list[CapturedPacket], Verdict, bool]
-
-
-def _coalesced(applies: list[_Apply]) -> list[_Apply]:
-    """Join neighbouring applies of one kind, so that many answers go out in one backend call."""
-    if len(applies) < 2:
-        return applies
-    out: list[_Apply] = []
-    joined = False  # whether out[-1] holds a list of our own (safe to extend)
-    for packets, verdict, permanent in applies:
-        if out and out[-1][1] is verdict and out[-1][2] == permanent:
-            if not joined:
-                out[-1] = (list(out[-1][0]), verdict, permanent)
-                joined = True
-            out[-1][0].extend(packets)
-        else:
-            out.append((packets, verdict, permanent))
-            joined = False
-    return out
-
-
-class _MethodError(Exception):
-    """A method failed in a way the wire names with ``code``."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code

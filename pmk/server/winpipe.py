@@ -66,13 +66,13 @@ class _SecurityAttributes(ctypes.Structure):
 
 
 def _api() -> tuple[Any, Any]:
-    windll = ctypes.WinDLL  # type: ignore[attr-defined]
+    windll = ctypes.WinDLL
     return windll("kernel32", use_last_error=True), windll("advapi32", use_last_error=True)
 
 
 def _check(ok: Any, what: str) -> None:
     if not ok:
-        raise ctypes.WinError(ctypes.get_last_error(), what)  # type: ignore[attr-defined]
+        raise ctypes.WinError(ctypes.get_last_error(), what)
 
 
 class _SecureInstances:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pmk.rpc import names
 from pmk.verdicts import ConnKey, Verdict, conn_key_from_strings
 
 ROLES = ("decider", "observer")
@@ -30,7 +31,7 @@ def _no_params(params: list[Any], method: str) -> None:
 
 def check_hello(params: list[Any]) -> tuple[int, str, str]:
     """Return (protocol, name, role)."""
-    hello = _one_map(params, "hello")
+    hello = _one_map(params, names.HELLO)
     protocol, name, role = hello.get("protocol"), hello.get("name", ""), hello.get("role", "observer")
     if type(protocol) is not int:
         raise InvalidParams("hello.protocol must be an integer")

@@ -1,0 +1,114 @@
+"""What the decision service tells the server to do, as small immutable records.
+
+``Service.handle`` returns them in the order they must be carried out; the
+server does each without deciding anything itself. A command addressed to a
+client that is gone is skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pmk.packet.captured import CapturedPacket
+from pmk.rpc.messages import ErrorCode
+from pmk.verdicts import ConnKey, Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Carry out ``verdict`` for ``packets`` through the backend."""
+
+    packets: list[CapturedPacket]
+    verdict: Verdict
+    permanent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SendDecide:
+    """Send ``decide [info]`` to ``client`` under ``msgid`` (the service numbers its requests)."""
+
+    client: int
+    msgid: int
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    client: int
+    method: str
+    params: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """Stop waiting for the answer to ``msgid``: if it comes, it is a LateAnswer."""
+
+    client: int
+    msgid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    client: int
+    msgid: int
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyError:
+    client: int
+    msgid: int
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateConnection:
+    """Set the kernel's verdict for one connection (blocking: run it off the loop); report ``op``."""
+
+    op: int
+    key: ConnKey
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetConnections:
+    """Forget every kernel-side verdict (blocking: run it off the loop); report ``op``."""
+
+    op: int
+
+
+@dataclass(frozen=True, slots=True)
+class ArmTimer:
+    """Deliver a Tick at monotonic time ``at`` (replaces any earlier timer)."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """A connection (or, for a temporary verdict, one packet) was decided: for the decision log."""
+
+    key: ConnKey
+    outbound: bool
+    verdict: Verdict
+    permanent: bool
+    #: "decider", "policy", "cache", "existing" or "operator" (SPEC 5.6)
+    by: str
+    #: the decider's hello name or the policy rule; "" otherwise
+    name: str
+
+
+Command = (
+    Apply
+    | SendDecide
+    | Notify
+    | Forget
+    | Reply
+    | ReplyError
+    | UpdateConnection
+    | ForgetConnections
+    | ArmTimer
+    | Decided
+)

@@ -1,0 +1,129 @@
+"""What the decision service is told: every input, as a small immutable record.
+
+The asyncio server turns I/O into these and hands each to
+``Service.handle(event, now)``; clients are plain ids, time is passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pmk.packet.captured import CapturedPacket
+from pmk.verdicts import ConnKey
+
+
+@dataclass(frozen=True, slots=True)
+class PacketsCaptured:
+    """A batch from the capture backend."""
+
+    packets: list[CapturedPacket]
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """The timer the service armed (``ArmTimer``) fired."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientJoined:
+    """A peer passed the endpoint's identity check; it is an observer until its hello."""
+
+    client: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRefused:
+    """A peer failed the identity check and was turned away."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLeft:
+    client: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCutOff:
+    """The server cut a client off for not reading its output (ClientLeft follows)."""
+
+    client: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """A well-formed request from a client (SPEC section 4)."""
+
+    client: int
+    msgid: int
+    method: str
+    params: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DecideAnswered:
+    """A response to a ``decide`` the service sent under ``msgid``."""
+
+    client: int
+    msgid: int
+    error: Any
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class LateAnswer:
+    """A response to a ``decide`` the service had told the server to forget."""
+
+    client: int
+    msgid: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolErrorSeen:
+    """The client sent something that is not a valid message (counted only)."""
+
+    client: int
+
+
+@dataclass(frozen=True, slots=True)
+class KernelUpdated:
+    """The kernel update ``op`` (UpdateConnection, ForgetConnections) is in force."""
+
+    op: int
+
+
+@dataclass(frozen=True, slots=True)
+class KernelUpdateFailed:
+    """The kernel update ``op`` failed; the kernel still has the old state."""
+
+    op: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Preaccept:
+    """Connections that existed before capture started: enter them as accepted."""
+
+    keys: tuple[ConnKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """Settle everything held with the fallback policy; nothing is asked any more."""
+
+
+Event = (
+    PacketsCaptured
+    | Tick
+    | ClientJoined
+    | ClientRefused
+    | ClientLeft
+    | ClientCutOff
+    | ClientRequest
+    | DecideAnswered
+    | LateAnswer
+    | ProtocolErrorSeen
+    | KernelUpdated
+    | KernelUpdateFailed
+    | Preaccept
+    | Shutdown
+)

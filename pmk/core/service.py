@@ -1,0 +1,498 @@
+"""The decision service: every rule about packets, requests and clients, without I/O.
+
+Theory of operation: the server hands each event (``events.py``) to
+``handle(event, now)`` and carries out the commands (``commands.py``) it
+gets back, in order. Packets go to the engine (verdict cache, packet cache);
+what the engine asks about becomes a request record (``requests.py``) that
+is sent to the least-loaded decider, parked until one has room, or settled
+by the fallback policy when no decider is connected. Answers, timeouts and
+clients leaving move those records through their one transition table.
+Operator calls that change the kernel's verdict cache are answered only
+once the kernel has the change (``UpdateConnection`` -> ``KernelUpdated``),
+so the engine and the kernel never disagree.
+
+After every event the engine's outbox is drained into commands, parked
+requests go out while deciders have room, and the timer is re-armed when
+the earliest deadline changed. Nothing here awaits or reads a clock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import pmk
+from pmk.core import commands as cmd
+from pmk.core import events as ev
+from pmk.core.engine import Apply, Engine
+from pmk.core.info import decide_info
+from pmk.core.packet_cache import HeldPacket
+from pmk.core.params import (
+    InvalidParams,
+    check_decision,
+    check_hello,
+    check_no_params,
+    check_packet_id,
+    check_update_verdict,
+)
+from pmk.core.policy import Policy
+from pmk.core.requests import DecideRequest, RequestTable, State, Step
+from pmk.packet.captured import CacheRun, CapturedPacket
+from pmk.packet.parse import conn_key
+from pmk.rpc import names
+from pmk.rpc.messages import MSGID_LIMIT, ErrorCode, wire_error
+from pmk.verdicts import ConnKey, Verdict
+
+log = logging.getLogger(__name__)
+
+# Parked asks go youngest first once the packet cache is this full (SPEC 5.3).
+_PRESSURE_NUMERATOR, _PRESSURE_DENOMINATOR = 3, 4
+
+
+class BackendFacts(Protocol):
+    """What the service needs to know of the capture backend (no I/O through it but stats)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def kernel_verdict_cache(self) -> bool: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+
+class MethodError(Exception):
+    """A method failed in a way the wire names with ``code``."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Client:
+    __slots__ = ("name", "role")
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.role = "observer"
+
+
+class Service:
+    """Engine, request records, clients and the fallback policy behind one event interface."""
+
+    def __init__(
+        self,
+        *,
+        backend: BackendFacts,
+        policy: Policy,
+        packet_cache: int,
+        verdict_cache: int,
+        verdict_timeout: float,
+        max_in_flight: int,
+        started: float,
+    ) -> None:
+        self.engine = Engine(
+            packet_cache_size=packet_cache,
+            verdict_cache_size=verdict_cache,
+            hits_permanent=backend.kernel_verdict_cache,
+        )
+        self.requests = RequestTable(verdict_timeout, max_in_flight, MSGID_LIMIT)
+        self.policy = policy
+        self.policy_hits: dict[str, int] = dict.fromkeys(policy.rule_names, 0)
+        self._backend = backend
+        self._started = started
+        self._clients: dict[int, _Client] = {}
+        self._out: list[cmd.Command] = []
+        self._timer_at: float | None = None
+        self._next_op = 1
+        #: kernel update op -> (client, msgid, key, verdict); key None for clear_cache.
+        self._kernel_ops: dict[int, tuple[int, int, ConnKey | None, Verdict | None]] = {}
+        self.protocol_errors = 0
+        self.refused_clients = 0
+        self.slow_clients = 0
+        #: Whole-batch fast path for backends that see every packet (``CaptureBackend.cache_probe``).
+        self.accept_cached: Callable[[list[CacheRun]], bool] = self.engine.accept_cached
+        self._handlers: dict[type, Callable[[Any, float], None]] = {
+            ev.PacketsCaptured: self._on_packets,
+            ev.Tick: self._on_tick,
+            ev.ClientJoined: self._on_joined,
+            ev.ClientRefused: self._on_refused,
+            ev.ClientLeft: self._on_left,
+            ev.ClientCutOff: self._on_cut_off,
+            ev.ClientRequest: self._on_request,
+            ev.DecideAnswered: self._on_answer,
+            ev.LateAnswer: self._on_late_answer,
+            ev.ProtocolErrorSeen: self._on_protocol_error,
+            ev.KernelUpdated: self._on_kernel_updated,
+            ev.KernelUpdateFailed: self._on_kernel_failed,
+            ev.Preaccept: self._on_preaccept,
+            ev.Shutdown: self._on_shutdown,
+        }
+
+    # -- the interface -----------------------------------------------------------
+
+    def handle(self, event: ev.Event, now: float) -> list[cmd.Command]:
+        """Take one event; return what the server must do, in order."""
+        return self.handle_all((event,), now)
+
+    def handle_all(self, events: Iterable[ev.Event], now: float) -> list[cmd.Command]:
+        """Take events that arrived together (one read from a client) and return their commands.
+
+        Verdicts they produce are carried out together, one backend call per
+        kind, instead of one per answer.
+        """
+        handlers = self._handlers
+        for event in events:
+            handlers[type(event)](event, now)
+        self._drain(now)
+        out, self._out = self._out, []
+        return out
+
+    def replace_policy(self, policy: Policy) -> None:
+        """Use ``policy`` from now on (SIGHUP); hits of rules it keeps keep counting."""
+        self.policy = policy
+        for rule in policy.rule_names:
+            self.policy_hits.setdefault(rule, 0)
+
+    def stats(self, now: float) -> dict[str, Any]:
+        """The ``get_stats`` result (SPEC section 4)."""
+        stats: dict[str, Any] = self.engine.stats()
+        stats.update(self.requests.counters)
+        for name, value in self._backend.stats().items():
+            # The engine's accounting wins; a backend counter of the same name
+            # (nfqueue counts its own accepted/blocked/dropped) gets a prefix.
+            stats[f"{self._backend.name}_{name}" if name in stats else name] = value
+        requests = self.requests
+        stats["deciders"] = len(requests.load)
+        stats["clients"] = len(self._clients)
+        stats["in_flight"] = requests.in_flight()
+        stats["waiting_for_decider"] = requests.parked()
+        stats["withdrawn_in_flight"] = requests.withdrawn_in_flight()
+        stats["protocol_errors"] = self.protocol_errors
+        stats["refused_clients"] = self.refused_clients
+        stats["slow_clients"] = self.slow_clients
+        stats["policy_hits"] = dict(self.policy_hits)
+        stats["backend"] = self._backend.name
+        stats["uptime"] = round(now - self._started, 3)
+        return stats
+
+    # -- packets -------------------------------------------------------------------
+
+    def _on_packets(self, event: ev.PacketsCaptured, now: float) -> None:
+        self.engine.on_packets(event.packets)
+
+    def _drain(self, now: float) -> None:
+        """Turn the engine's outbox into commands and send parked asks, until nothing is left."""
+        engine = self.engine
+        while True:
+            while engine.outbox:
+                work = engine.outbox.take()
+                for packets, verdict, permanent in _coalesced(work.applies):
+                    self._out.append(cmd.Apply(packets, verdict, permanent))
+                if work.unparsed:
+                    decision = self.policy.default
+                    self.policy_hits[decision.rule] = self.policy_hits.get(decision.rule, 0) + len(work.unparsed)
+                    engine.settle_unparsed(work.unparsed, decision.verdict)
+                for packets, verdict in work.kernel_hits:
+                    self._decided_from_cache(packets, verdict)
+                for held in work.withdrawn:
+                    self._withdraw(held)
+                for held in work.asks:
+                    self._ask(held, now)
+            self._pump()
+            if not engine.outbox:
+                break
+        deadline = self.requests.next_deadline()
+        if deadline is not None and deadline != self._timer_at:
+            self._timer_at = deadline
+            self._out.append(cmd.ArmTimer(deadline))
+
+    def _decided_from_cache(self, packets: list[CapturedPacket], verdict: Verdict) -> None:
+        """A kernel-cache backend only sees packets of connections it has no verdict for: record the hand-over."""
+        for packet in packets:
+            key = conn_key(packet.raw, packet.outbound)
+            if key is not None:
+                self._out.append(cmd.Decided(key, packet.outbound, verdict, True, "cache", ""))
+
+    def _ask(self, held: HeldPacket, now: float) -> None:
+        requests = self.requests
+        request = requests.new(held, now)
+        target = requests.pick()
+        if target is None:
+            requests.step(request, Step.NO_DECIDER)
+            self._settle_by_policy(held)
+        elif requests.parked() or not requests.has_room(target):
+            requests.step(request, Step.PARK)  # a new ask never overtakes parked ones
+        else:
+            self._send(request, target)
+
+    def _send(self, request: DecideRequest, client: int) -> None:
+        msgid = self.requests.assign(request, client)
+        self._out.append(cmd.SendDecide(client, msgid, decide_info(request.held)))
+
+    def _pump(self) -> None:
+        """Send parked asks while a decider has room, or settle them if none is left."""
+        requests, held = self.requests, self.engine.held
+        while requests.parked():
+            target = requests.pick()
+            if target is not None and not requests.has_room(target):
+                return
+            # Under pressure the oldest packets are the next to be evicted: ask about the youngest.
+            youngest = len(held) * _PRESSURE_DENOMINATOR >= held.capacity * _PRESSURE_NUMERATOR
+            request = requests.next_parked(youngest)
+            assert request is not None
+            if target is None:
+                requests.step(request, Step.NO_DECIDER)
+                self._settle_by_policy(request.held)
+            else:
+                self._send(request, target)
+
+    def _withdraw(self, held: HeldPacket) -> None:
+        """The packet is gone: drop its parked ask, or tell its decider."""
+        request = self.requests.wanted(held.id)
+        if request is None:
+            return
+        was_sent = request.state is State.SENT
+        self.requests.step(request, Step.WITHDRAW)
+        if was_sent:
+            assert request.client is not None
+            self._out.append(cmd.Notify(request.client, names.WITHDRAWN, [held.id]))
+
+    def _settle_by_policy(self, held: HeldPacket) -> None:
+        decision = self.policy.decide(held.key, held.packet.outbound)
+        self.policy_hits[decision.rule] = self.policy_hits.get(decision.rule, 0) + 1
+        self._out.append(
+            cmd.Decided(held.key, held.packet.outbound, decision.verdict, decision.permanent, "policy", decision.rule)
+        )
+        self.engine.on_verdict(held.id, decision.verdict, decision.permanent, defaulted=True)
+
+    # -- time ------------------------------------------------------------------------
+
+    def _on_tick(self, event: ev.Tick, now: float) -> None:
+        self._timer_at = None
+        requests = self.requests
+        for request in requests.expired(now):
+            state = request.state
+            if state not in (State.WAITING, State.SENT, State.WITHDRAWN):
+                continue  # settled while an earlier one expired
+            requests.step(request, Step.EXPIRE)
+            if state is not State.WAITING:
+                assert request.client is not None
+                self._out.append(cmd.Forget(request.client, request.msgid))
+            if state is not State.WITHDRAWN:
+                self._settle_by_policy(request.held)
+
+    # -- answers -----------------------------------------------------------------------
+
+    def _on_answer(self, event: ev.DecideAnswered, now: float) -> None:
+        requests = self.requests
+        request = requests.by_msgid(event.msgid)
+        if request is None or request.client != event.client:
+            requests.answer_forgotten()  # cannot happen: the RPC layer matched the msgid
+            return
+        if request.state is State.WITHDRAWN:
+            requests.step(request, Step.ANSWER)  # late; frees the decider's slot
+            return
+        held = request.held
+        if event.error is not None:
+            log.info("decider %s answered packet %d with an error: %r", self._name(event.client), held.id, event.error)
+            requests.step(request, Step.ANSWER_ERROR)
+            self._settle_by_policy(held)
+            return
+        try:
+            verdict, permanent = check_decision(event.result)
+        except InvalidParams as error:
+            requests.step(request, Step.ANSWER_INVALID)
+            self._out.append(
+                cmd.Notify(event.client, names.PROTOCOL_ERROR, [wire_error(ErrorCode.INVALID_PARAMS, str(error))])
+            )
+            self._settle_by_policy(held)
+            return
+        requests.step(request, Step.ANSWER)
+        self._out.append(
+            cmd.Decided(held.key, held.packet.outbound, verdict, permanent, "decider", self._name(event.client))
+        )
+        self.engine.on_verdict(held.id, verdict, permanent)
+
+    def _on_late_answer(self, event: ev.LateAnswer, now: float) -> None:
+        self.requests.answer_forgotten()
+
+    # -- clients ------------------------------------------------------------------------
+
+    def _on_joined(self, event: ev.ClientJoined, now: float) -> None:
+        self._clients[event.client] = _Client()
+
+    def _on_refused(self, event: ev.ClientRefused, now: float) -> None:
+        self.refused_clients += 1
+
+    def _on_cut_off(self, event: ev.ClientCutOff, now: float) -> None:
+        self.slow_clients += 1
+
+    def _on_protocol_error(self, event: ev.ProtocolErrorSeen, now: float) -> None:
+        self.protocol_errors += 1
+
+    def _on_left(self, event: ev.ClientLeft, now: float) -> None:
+        if self._clients.pop(event.client, None) is not None:
+            self._stop_deciding(event.client, now, connected=False)
+
+    def _stop_deciding(self, client: int, now: float, *, connected: bool) -> None:
+        """Take back what ``client`` was asked: re-ask elsewhere (the pump sends or settles them)."""
+        requests = self.requests
+        requests.remove_decider(client)
+        moved = 0
+        for request in requests.of_client(client):
+            msgid = request.msgid
+            if request.state is State.SENT:
+                request.deadline = now + requests.timeout
+                moved += 1
+            requests.step(request, Step.DECIDER_LEFT)
+            if connected:
+                self._out.append(cmd.Forget(client, msgid))
+        if moved:
+            log.info("decider %s left with %d requests pending; re-asking", self._name(client), moved)
+
+    def _name(self, client: int) -> str:
+        known = self._clients.get(client)
+        return known.name if known is not None and known.name else f"#{client}"
+
+    # -- client requests ----------------------------------------------------------------------
+
+    def _on_request(self, event: ev.ClientRequest, now: float) -> None:
+        handler = _METHODS.get(event.method)
+        if handler is None:
+            self._out.append(
+                cmd.ReplyError(event.client, event.msgid, ErrorCode.UNKNOWN_METHOD, f"no method {event.method!r}")
+            )
+            return
+        try:
+            result = handler(self, event, now)
+        except InvalidParams as error:
+            self._out.append(cmd.ReplyError(event.client, event.msgid, ErrorCode.INVALID_PARAMS, str(error)))
+        except MethodError as error:
+            self._out.append(cmd.ReplyError(event.client, event.msgid, error.code, str(error)))
+        else:
+            if result is not _LATER:
+                self._out.append(cmd.Reply(event.client, event.msgid, result))
+
+    def _hello(self, event: ev.ClientRequest, now: float) -> Any:
+        protocol, name, role = check_hello(event.params)
+        if protocol != pmk.PROTOCOL_VERSION:
+            raise MethodError(ErrorCode.UNSUPPORTED_PROTOCOL, f"this server speaks protocol {pmk.PROTOCOL_VERSION}")
+        client = self._clients.setdefault(event.client, _Client())
+        client.name, client.role = name, role
+        if role == "decider":
+            self.requests.add_decider(event.client)
+        elif event.client in self.requests.load:
+            # A decider turning observer must not strand what it was asked (SPEC 5.4).
+            self._stop_deciding(event.client, now, connected=True)
+        return {"protocol": pmk.PROTOCOL_VERSION, "version": pmk.__version__, "backend": self._backend.name}
+
+    def _get_payload(self, event: ev.ClientRequest, now: float) -> Any:
+        packet_id = check_packet_id(event.params, names.GET_PAYLOAD)
+        held = self.engine.held.get(packet_id)
+        if held is None:
+            raise MethodError(ErrorCode.UNKNOWN_PACKET, f"packet {packet_id} is not held")
+        return bytes(held.packet.raw)
+
+    def _get_stats(self, event: ev.ClientRequest, now: float) -> Any:
+        check_no_params(event.params, names.GET_STATS)
+        return self.stats(now)
+
+    def _get_version(self, event: ev.ClientRequest, now: float) -> Any:
+        check_no_params(event.params, names.GET_VERSION)
+        return {"protocol": pmk.PROTOCOL_VERSION, "version": pmk.__version__}
+
+    def _clear_cache(self, event: ev.ClientRequest, now: float) -> Any:
+        check_no_params(event.params, names.CLEAR_CACHE)
+        if not self._backend.kernel_verdict_cache:
+            return self.engine.clear_cache()
+        op = self._kernel_op(event, None, None)
+        self._out.append(cmd.ForgetConnections(op))
+        return _LATER
+
+    def _update_verdict(self, event: ev.ClientRequest, now: float) -> Any:
+        key, verdict = check_update_verdict(event.params)
+        if not self._backend.kernel_verdict_cache:
+            self._apply_update(key, verdict)
+            return True
+        op = self._kernel_op(event, key, verdict)
+        self._out.append(cmd.UpdateConnection(op, key, verdict))
+        return _LATER
+
+    # -- operator calls on the kernel ------------------------------------------------------
+
+    def _kernel_op(self, event: ev.ClientRequest, key: ConnKey | None, verdict: Verdict | None) -> int:
+        op = self._next_op
+        self._next_op += 1
+        self._kernel_ops[op] = (event.client, event.msgid, key, verdict)
+        return op
+
+    def _apply_update(self, key: ConnKey, verdict: Verdict) -> None:
+        self._out.append(cmd.Decided(key, False, verdict, True, "operator", ""))
+        self.engine.update_verdict(key, verdict)
+
+    def _on_kernel_updated(self, event: ev.KernelUpdated, now: float) -> None:
+        client, msgid, key, verdict = self._kernel_ops.pop(event.op)
+        if key is None:
+            self._out.append(cmd.Reply(client, msgid, self.engine.clear_cache()))
+            return
+        assert verdict is not None
+        self._apply_update(key, verdict)
+        self._out.append(cmd.Reply(client, msgid, True))
+
+    def _on_kernel_failed(self, event: ev.KernelUpdateFailed, now: float) -> None:
+        client, msgid, key, _ = self._kernel_ops.pop(event.op)
+        what = names.CLEAR_CACHE if key is None else names.UPDATE_VERDICT
+        log.warning("%s failed in the kernel, nothing changed: %s", what, event.message)
+        self._out.append(cmd.ReplyError(client, msgid, ErrorCode.INTERNAL, f"kernel not updated: {event.message}"))
+
+    # -- start and end ------------------------------------------------------------------------
+
+    def _on_preaccept(self, event: ev.Preaccept, now: float) -> None:
+        self.engine.preaccept(event.keys)
+        for key in event.keys:
+            # Which side opened it is unknown: recorded as inbound.
+            self._out.append(cmd.Decided(key, False, Verdict.ACCEPT, True, "existing", ""))
+
+    def _on_shutdown(self, event: ev.Shutdown, now: float) -> None:
+        requests = self.requests
+        for request in requests.all_wanted():
+            requests.step(request, Step.SHUTDOWN)
+        released = self.engine.release_all()
+        for held in released:
+            decision = self.policy.decide(held.key, held.packet.outbound)
+            self.policy_hits[decision.rule] = self.policy_hits.get(decision.rule, 0) + 1
+            self.engine.settle_released([held], decision.verdict)
+        if released:
+            log.info("shutdown: %d held packets got the default verdict of the fallback policy", len(released))
+
+
+# A handler's result meaning "the reply comes later" (after a kernel update).
+_LATER = object()
+_METHODS: Mapping[str, Callable[[Service, ev.ClientRequest, float], Any]] = {
+    names.HELLO: Service._hello,
+    names.GET_PAYLOAD: Service._get_payload,
+    names.GET_STATS: Service._get_stats,
+    names.GET_VERSION: Service._get_version,
+    names.CLEAR_CACHE: Service._clear_cache,
+    names.UPDATE_VERDICT: Service._update_verdict,
+}
+
+
+def _coalesced(applies: list[Apply]) -> list[Apply]:
+    """Join neighbouring applies of one kind, so that many answers go out in one backend call."""
+    if len(applies) < 2:
+        return applies
+    out: list[Apply] = []
+    joined = False  # whether out[-1] holds a list of our own (safe to extend)
+    for packets, verdict, permanent in applies:
+        if out and out[-1][1] is verdict and out[-1][2] == permanent:
+            if not joined:
+                out[-1] = (list(out[-1][0]), verdict, permanent)
+                joined = True
+            out[-1][0].extend(packets)
+        else:
+            out.append((packets, verdict, permanent))
+            joined = False
+    return out

@@ -1,0 +1,363 @@
+"""The decision service as playbooks: these events in, these commands out, on a fake clock.
+
+No sockets, no sleeping: time is whatever ``now`` the test passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pmk.core import commands as cmd
+from pmk.core import events as ev
+from pmk.core.policy import Policy, default_only, parse_policy
+from pmk.core.service import Service
+from pmk.packet.captured import CapturedPacket
+from pmk.rpc.names import PROTOCOL_ERROR, WITHDRAWN
+from pmk.verdicts import ConnKey, Verdict
+from tests.packets import udp
+
+A, B = "198.18.0.1", "198.18.0.2"
+TIMEOUT = 2.0
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self, kernel_verdict_cache: bool = False) -> None:
+        self.kernel_verdict_cache = kernel_verdict_cache
+
+    def stats(self) -> dict[str, int]:
+        return {"bypassed": 0}
+
+
+def service(
+    *, max_in_flight: int = 256, packet_cache: int = 1024, kernel: bool = False, policy: Policy | None = None
+) -> Service:
+    return Service(
+        backend=FakeBackend(kernel),
+        policy=policy or default_only(Verdict.DROP),
+        packet_cache=packet_cache,
+        verdict_cache=65536,
+        verdict_timeout=TIMEOUT,
+        max_in_flight=max_in_flight,
+        started=0.0,
+    )
+
+
+def packet(port: int) -> CapturedPacket:
+    """An inbound UDP packet of connection ``port``."""
+    return CapturedPacket(udp(A, B, port, 53), outbound=False)
+
+
+def key(port: int) -> ConnKey:
+    return ConnKey(17, bytes([198, 18, 0, 2]), 53, bytes([198, 18, 0, 1]), port)
+
+
+def hello(client: int, role: str = "decider", name: str = "d", msgid: int = 0) -> ev.ClientRequest:
+    return ev.ClientRequest(client, msgid, "hello", [{"protocol": 1, "name": name, "role": role}])
+
+
+def joined_decider(svc: Service, client: int = 1, name: str = "d") -> None:
+    svc.handle_all([ev.ClientJoined(client), hello(client, name=name)], now=0.0)
+
+
+def of(kind: type, out: list[cmd.Command]) -> list[Any]:
+    return [c for c in out if isinstance(c, kind)]
+
+
+def applied(out: list[cmd.Command]) -> list[tuple[list[int], Verdict, bool]]:
+    """Apply commands as (remote ports, verdict, permanent)."""
+    return [(_ports(c.packets), c.verdict, c.permanent) for c in of(cmd.Apply, out)]
+
+
+def _ports(packets: list[CapturedPacket]) -> list[int]:
+    return [p.raw[20] << 8 | p.raw[21] for p in packets]
+
+
+def answer(svc: Service, decide: cmd.SendDecide, verdict: str, permanent: bool = False, now: float = 0.5) -> list[Any]:
+    result = {"verdict": verdict, "permanent": permanent}
+    return svc.handle(ev.DecideAnswered(decide.client, decide.msgid, None, result), now)
+
+
+def assert_identity(svc: Service) -> None:
+    s = svc.stats(now=0.0)
+    assert s["captured"] == s["accepted"] + s["blocked"] + s["dropped"] + s["evicted"] + s["pending"]
+
+
+def test_without_a_decider_the_policy_settles_at_once() -> None:
+    svc = service()
+    out = svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0)
+    assert applied(out) == [([1], Verdict.DROP, False)]
+    (decided,) = of(cmd.Decided, out)
+    assert (decided.by, decided.name, decided.verdict) == ("policy", "default", Verdict.DROP)
+    stats = svc.stats(now=0.0)
+    assert stats["default_no_decider"] == 1 and stats["defaulted"] == 1 and stats["requests"] == 1
+    assert stats["policy_hits"] == {"default": 1}
+    assert_identity(svc)
+
+
+def test_a_decider_is_asked_once_per_connection_and_its_permanent_answer_settles_all() -> None:
+    svc = service()
+    joined_decider(svc, name="blocklist")
+    out = svc.handle(ev.PacketsCaptured([packet(1), packet(1)]), now=0.0)
+    (decide,) = of(cmd.SendDecide, out)
+    assert decide.info["remote_port"] == 1 and of(cmd.ArmTimer, out) == [cmd.ArmTimer(TIMEOUT)]
+    out = answer(svc, decide, "accept", permanent=True)
+    assert applied(out) == [([1, 1], Verdict.ACCEPT, True)]
+    assert [(d.by, d.name) for d in of(cmd.Decided, out)] == [("decider", "blocklist")]
+    assert applied(svc.handle(ev.PacketsCaptured([packet(1)]), now=1.0)) == [([1], Verdict.ACCEPT, False)]
+    assert_identity(svc)
+
+
+def test_the_hello_reply_comes_before_the_decides_it_made_possible() -> None:
+    svc = service()
+    svc.handle(ev.ClientJoined(1), now=0.0)
+    svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0)  # settled by the policy: nobody to ask
+    svc.handle(ev.ClientJoined(2), now=0.0)
+    out = svc.handle_all([hello(2), ev.PacketsCaptured([packet(2)])], now=0.0)
+    assert [type(c) for c in out if not isinstance(c, cmd.ArmTimer)] == [cmd.Reply, cmd.SendDecide]
+
+
+def test_a_silent_decider_runs_into_the_timeout() -> None:
+    svc = service()
+    joined_decider(svc)
+    (decide,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0))
+    assert svc.handle(ev.Tick(), now=TIMEOUT - 0.01) == [cmd.ArmTimer(TIMEOUT)]  # early: armed again
+    out = svc.handle(ev.Tick(), now=TIMEOUT)
+    assert applied(out) == [([1], Verdict.DROP, False)]
+    assert cmd.Forget(decide.client, decide.msgid) in out
+    stats = svc.stats(now=TIMEOUT)
+    assert stats["timeouts"] == 1 and stats["default_timeout"] == 1 and stats["in_flight"] == 0
+    # Its answer, when it finally comes, the server reports as late.
+    svc.handle(ev.LateAnswer(decide.client, decide.msgid), now=3.0)
+    assert svc.stats(now=3.0)["late_verdicts"] == 1
+    assert_identity(svc)
+
+
+def test_an_error_or_an_invalid_answer_gets_the_policy() -> None:
+    svc = service()
+    joined_decider(svc)
+    first, second = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0))
+    out = svc.handle(ev.DecideAnswered(1, first.msgid, {"code": "internal_error", "message": "x"}, None), now=0.1)
+    assert applied(out) == [([1], Verdict.DROP, False)]
+    out = svc.handle(ev.DecideAnswered(1, second.msgid, None, {"verdict": "reroute"}), now=0.1)
+    assert applied(out) == [([2], Verdict.DROP, False)]
+    (notice,) = of(cmd.Notify, out)
+    assert notice.method == PROTOCOL_ERROR and notice.params[0]["code"] == "invalid_params"
+    stats = svc.stats(now=0.1)
+    assert stats["default_error"] == 1 and stats["default_invalid"] == 1 and stats["defaulted"] == 2
+
+
+def test_a_temporary_answer_settles_one_packet_and_asks_about_the_next() -> None:
+    svc = service()
+    joined_decider(svc)
+    (decide,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1), packet(1)]), now=0.0))
+    out = answer(svc, decide, "block")
+    assert applied(out) == [([1], Verdict.BLOCK, False)]
+    (again,) = of(cmd.SendDecide, out)
+    assert again.info["id"] == decide.info["id"] + 1 and again.msgid != decide.msgid
+    assert svc.stats(now=0.5)["requests"] == 2
+
+
+def test_a_leaving_decider_hands_its_requests_to_another() -> None:
+    svc = service()
+    joined_decider(svc, 1)
+    (decide,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0))
+    joined_decider(svc, 2)
+    out = svc.handle(ev.ClientLeft(1), now=1.5)
+    (moved,) = of(cmd.SendDecide, out)
+    assert moved.client == 2 and moved.info["id"] == decide.info["id"]
+    # The re-asked request has a fresh deadline.
+    assert svc.handle(ev.Tick(), now=TIMEOUT + 0.1) == [cmd.ArmTimer(1.5 + TIMEOUT)]
+    assert applied(svc.handle(ev.Tick(), now=1.5 + TIMEOUT)) == [([1], Verdict.DROP, False)]
+
+
+def test_the_last_decider_leaving_leaves_its_requests_to_the_policy() -> None:
+    svc = service()
+    joined_decider(svc)
+    svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0)
+    out = svc.handle(ev.ClientLeft(1), now=0.5)
+    assert applied(out) == [([1, 2], Verdict.DROP, False)]
+    assert svc.stats(now=0.5)["default_no_decider"] == 2
+
+
+def test_a_decider_has_at_most_max_in_flight_requests_and_the_rest_wait_oldest_first() -> None:
+    svc = service(max_in_flight=1)
+    joined_decider(svc)
+    out = svc.handle(ev.PacketsCaptured([packet(1), packet(2), packet(3)]), now=0.0)
+    (first,) = of(cmd.SendDecide, out)
+    assert svc.stats(now=0.0)["waiting_for_decider"] == 2
+    (second,) = of(cmd.SendDecide, answer(svc, first, "accept"))
+    assert second.info["remote_port"] == 2
+    (third,) = of(cmd.SendDecide, answer(svc, second, "drop"))
+    assert third.info["remote_port"] == 3
+    answer(svc, third, "block")
+    stats = svc.stats(now=0.5)
+    assert stats["waiting_for_decider"] == 0 and stats["in_flight"] == 0 and stats["defaulted"] == 0
+
+
+def test_a_waiting_ask_keeps_its_deadline() -> None:
+    svc = service(max_in_flight=1)
+    joined_decider(svc)
+    svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0)
+    svc.handle(ev.PacketsCaptured([packet(2)]), now=1.0)
+    out = svc.handle(ev.Tick(), now=TIMEOUT)
+    assert applied(out) == [([1], Verdict.DROP, False)]
+    # The parked ask goes out as the slot frees up, due at 1.0 + TIMEOUT as if it had been sent then.
+    (late,) = of(cmd.SendDecide, out)
+    assert late.info["remote_port"] == 2
+    assert applied(svc.handle(ev.Tick(), now=1.0 + TIMEOUT)) == [([2], Verdict.DROP, False)]
+
+
+def test_under_pressure_waiting_asks_go_youngest_first() -> None:
+    svc = service(max_in_flight=1, packet_cache=4)
+    joined_decider(svc)
+    (first,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(p) for p in (1, 2, 3, 4)]), now=0.0))
+    # Still 3 of 4 held after the answer: the youngest waiting ask (port 4) goes next, not the oldest (2).
+    (nxt,) = of(cmd.SendDecide, answer(svc, first, "accept"))
+    assert nxt.info["remote_port"] == 4
+    # 2 of 4 held: oldest first again.
+    (last,) = of(cmd.SendDecide, answer(svc, nxt, "accept"))
+    assert last.info["remote_port"] == 2
+
+
+def test_an_evicted_packet_withdraws_its_request_which_keeps_the_slot_until_answered() -> None:
+    svc = service(max_in_flight=1, packet_cache=2)
+    joined_decider(svc)
+    (first,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0))
+    out = svc.handle(ev.PacketsCaptured([packet(3)]), now=0.1)
+    assert applied(out) == [([1], Verdict.DROP, False)]  # the eviction
+    assert of(cmd.Notify, out) == [cmd.Notify(1, WITHDRAWN, [first.info["id"]])]
+    assert of(cmd.SendDecide, out) == []  # the slot is still the withdrawn request's
+    stats = svc.stats(now=0.1)
+    assert stats["evicted"] == 1 and stats["withdrawn"] == 1 and stats["withdrawn_in_flight"] == 1
+    out = answer(svc, first, "accept", now=0.2)
+    assert applied(out) == []
+    (nxt,) = of(cmd.SendDecide, out)  # the late answer freed the slot
+    assert nxt.info["remote_port"] in (2, 3)
+    assert svc.stats(now=0.2)["late_verdicts"] == 1
+    assert_identity(svc)
+
+
+def test_an_evicted_packet_whose_ask_waited_is_forgotten_silently() -> None:
+    svc = service(max_in_flight=1, packet_cache=2)
+    joined_decider(svc)
+    svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0)
+    svc.handle(ev.PacketsCaptured([packet(3)]), now=0.0)  # evicts port 1, whose request was sent
+    out = svc.handle(ev.PacketsCaptured([packet(4)]), now=0.0)  # evicts port 2, whose ask waited
+    assert of(cmd.Notify, out) == []
+    assert svc.stats(now=0.0)["withdrawn"] == 2
+
+
+def test_update_verdict_without_a_kernel_cache_applies_at_once() -> None:
+    svc = service()
+    joined_decider(svc)
+    (decide,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(9)]), now=0.0))
+    conn = {"protocol": 17, "local_ip": B, "local_port": 53, "remote_ip": A, "remote_port": 9}
+    out = svc.handle(ev.ClientRequest(1, 5, "update_verdict", [conn, "block"]), now=0.1)
+    assert cmd.Reply(1, 5, True) in out
+    assert applied(out) == [([9], Verdict.BLOCK, True)]
+    assert of(cmd.Notify, out) == [cmd.Notify(1, WITHDRAWN, [decide.info["id"]])]
+    assert [(d.by, d.verdict) for d in of(cmd.Decided, out)] == [("operator", Verdict.BLOCK)]
+
+
+def test_update_verdict_on_a_kernel_cache_changes_the_engine_only_once_the_kernel_has_it() -> None:
+    svc = service(kernel=True)
+    svc.handle(ev.ClientJoined(1), now=0.0)
+    conn = {"protocol": 17, "local_ip": B, "local_port": 53, "remote_ip": A, "remote_port": 9}
+    (update,) = svc.handle(ev.ClientRequest(1, 5, "update_verdict", [conn, "block"]), now=0.0)
+    assert update == cmd.UpdateConnection(update.op, key(9), Verdict.BLOCK)
+    # Not in force yet: a packet now is asked about as before (and, with no decider, defaulted).
+    assert svc.stats(now=0.0)["verdict_cache_entries"] == 0
+    out = svc.handle(ev.KernelUpdated(update.op), now=0.1)
+    assert cmd.Reply(1, 5, True) in out
+    hit = svc.handle(ev.PacketsCaptured([packet(9)]), now=0.2)
+    assert applied(hit) == [([9], Verdict.BLOCK, True)]  # a hit is handed to the kernel as permanent
+
+
+def test_a_failed_kernel_update_is_an_internal_error_and_changes_nothing() -> None:
+    svc = service(kernel=True)
+    svc.handle(ev.ClientJoined(1), now=0.0)
+    conn = {"protocol": 17, "local_ip": B, "local_port": 53, "remote_ip": A, "remote_port": 9}
+    (update,) = svc.handle(ev.ClientRequest(1, 5, "update_verdict", [conn, "accept"]), now=0.0)
+    out = svc.handle(ev.KernelUpdateFailed(update.op, "conntrack said no"), now=0.1)
+    (error,) = out
+    assert isinstance(error, cmd.ReplyError) and error.code.value == "internal_error"
+    assert "conntrack said no" in error.message
+    assert svc.stats(now=0.1)["verdict_cache_entries"] == 0
+    (forget,) = svc.handle(ev.ClientRequest(1, 6, "clear_cache", []), now=0.2)
+    assert isinstance(forget, cmd.ForgetConnections)
+    (error,) = svc.handle(ev.KernelUpdateFailed(forget.op, "busy"), now=0.3)
+    assert isinstance(error, cmd.ReplyError) and error.msgid == 6
+
+
+def test_clear_cache_on_a_kernel_cache_answers_after_the_kernel() -> None:
+    svc = service(kernel=True)
+    svc.handle_all([ev.ClientJoined(1), ev.Preaccept((key(1), key(2)))], now=0.0)
+    (forget,) = svc.handle(ev.ClientRequest(1, 6, "clear_cache", []), now=0.0)
+    assert svc.stats(now=0.0)["verdict_cache_entries"] == 2
+    assert svc.handle(ev.KernelUpdated(forget.op), now=0.1) == [cmd.Reply(1, 6, 2)]
+
+
+def test_preaccepted_connections_are_cached_as_accepted_and_logged() -> None:
+    svc = service()
+    out = svc.handle(ev.Preaccept((key(1), key(2))), now=0.0)
+    assert [(d.key, d.by) for d in of(cmd.Decided, out)] == [(key(1), "existing"), (key(2), "existing")]
+    assert applied(svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0)) == [([1], Verdict.ACCEPT, False)]
+    assert svc.stats(now=0.0)["preaccepted"] == 2
+
+
+def test_a_permanent_policy_rule_is_cached_and_counted_per_rule() -> None:
+    policy = parse_policy(
+        '[[rule]]\nname = "dns"\nprotocol = "udp"\nlocal_port = 53\nverdict = "accept"\ncache = true\n'
+        '[default]\nverdict = "block"\n',
+        "test",
+    )
+    svc = service(policy=policy)
+    out = svc.handle(ev.PacketsCaptured([packet(1), packet(1)]), now=0.0)
+    assert applied(out) == [([1, 1], Verdict.ACCEPT, True)]
+    assert svc.stats(now=0.0)["policy_hits"] == {"dns": 1, "default": 0}
+    svc.replace_policy(default_only(Verdict.BLOCK))
+    assert applied(svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0)) == [([1], Verdict.ACCEPT, False)]
+
+
+def test_an_unparseable_packet_gets_the_policys_default() -> None:
+    svc = service()
+    out = svc.handle(ev.PacketsCaptured([CapturedPacket(b"\x00garbage", outbound=False)]), now=0.0)
+    assert [(c.verdict, c.permanent) for c in of(cmd.Apply, out)] == [(Verdict.DROP, False)]
+    stats = svc.stats(now=0.0)
+    assert stats["unparsed"] == 1 and stats["defaulted"] == 1 and stats["policy_hits"]["default"] == 1
+    assert_identity(svc)
+
+
+def test_shutdown_gives_everything_held_the_policy() -> None:
+    svc = service()
+    joined_decider(svc)
+    svc.handle(ev.PacketsCaptured([packet(1), packet(1), packet(2)]), now=0.0)
+    out = svc.handle(ev.Shutdown(), now=0.5)
+    assert sorted(p for ports, _, _ in applied(out) for p in ports) == [1, 1, 2]
+    stats = svc.stats(now=0.5)
+    assert stats["pending"] == 0 and stats["in_flight"] == 0 and stats["dropped"] == 3
+    assert_identity(svc)
+
+
+def test_client_counters_come_from_their_events() -> None:
+    svc = service()
+    svc.handle_all([ev.ClientJoined(1), ev.ClientRefused(), ev.ProtocolErrorSeen(1), ev.ClientCutOff(1)], now=0.0)
+    stats = svc.stats(now=0.0)
+    assert (stats["clients"], stats["refused_clients"], stats["protocol_errors"], stats["slow_clients"]) == (1, 1, 1, 1)
+    svc.handle(ev.ClientLeft(1), now=0.0)
+    assert svc.stats(now=0.0)["clients"] == 0
+
+
+def test_on_a_kernel_cache_a_hit_is_handed_to_the_kernel_and_logged_as_decided_by_the_cache() -> None:
+    svc = service(kernel=True)
+    svc.handle(ev.Preaccept((key(1),)), now=0.0)
+    out = svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0)
+    assert applied(out) == [([1], Verdict.ACCEPT, True)]
+    assert [(d.key, d.by, d.permanent) for d in of(cmd.Decided, out)] == [(key(1), "cache", True)]
+    # Without a kernel cache every packet comes here: hits are neither permanent nor logged.
+    svc = service()
+    svc.handle(ev.Preaccept((key(1),)), now=0.0)
+    out = svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0)
+    assert applied(out) == [([1], Verdict.ACCEPT, False)] and of(cmd.Decided, out) == []
