@@ -318,9 +318,9 @@ class NfqueueBackend(CaptureBackend):
                 return  # later TCP packets have a confirmed entry; a blocked SYN got its reset
         self._pool.submit(self._create_flow, flow.protocol, flow.src, flow.dst, flow.src_port, flow.dst_port, code)
 
-    def _create_flow(self, *args: Any) -> None:
+    def _create_flow(self, protocol: int, src: bytes, dst: bytes, sport: int, dport: int, code: int) -> None:
         try:
-            if rules.create_flow(*args, mark_mask=self.mark_mask):
+            if rules.create_flow(protocol, src, dst, sport, dport, code, mark_mask=self.mark_mask):
                 self._counts["flows_created"] += 1
         except (rules.RulesError, OSError, subprocess.SubprocessError):
             self._counts["flow_errors"] += 1  # only this worker thread writes it
