@@ -46,12 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_layers.add_options(serve)
 
-    from pmk import bench
+    from pmk import bench, replay
     from pmk.ui import stats_view, top
 
     stats_view.add_parser(commands)
     top.add_parser(commands)
     bench.add_parser(commands)
+    replay.add_parser(commands)
     return parser
 
 
@@ -157,6 +158,10 @@ def _run(args: argparse.Namespace) -> int:
         from pmk import bench
 
         return bench.run(args)
+    if args.command == "replay":
+        from pmk import replay
+
+        return replay.run(args)
     if args.command in ("stats", "top"):
         from pmk.ui import stats_view, top
 
