@@ -20,6 +20,8 @@ from pathlib import Path
 
 import dpkt  # type: ignore[import-untyped]
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pmk.capture.base import CapturedPacket
 from pmk.capture.replay import Directions, ReplayBackend, ip_packet
@@ -231,7 +233,9 @@ async def test_pcapng_without_local_asks_per_packet_and_takes_the_opener_as_this
     frames = traffic()
     write_pcapng(workdir / "in.pcapng", frames)
     sock = workdir / "replay.sock"
-    replay = await start_replay(str(workdir / "in.pcapng"), "--pipe", str(sock), "--json", "--wait-deciders", "1")
+    replay = await start_replay(
+        str(workdir / "in.pcapng"), "--pipe", str(sock), "--json", "--write-accepted", str(workdir / "out.pcap")
+    )
     seen: list[dict] = []  # type: ignore[type-arg]
 
     def decide(info: dict) -> Decision:  # type: ignore[type-arg]
@@ -252,6 +256,9 @@ async def test_pcapng_without_local_asks_per_packet_and_takes_the_opener_as_this
     assert len(seen) == stats["requests"] == len(ip_frames)
     assert summary["drop"] == stats["dropped"] == 2 and summary["accept"] == len(ip_frames) - 2
     assert identity_holds(stats) and stats["defaulted"] == 0
+    link_type, records = read_pcap(workdir / "out.pcap")
+    assert link_type == dpkt.pcap.DLT_LINUX_SLL
+    assert [data for _, data in records] == [linux_cooked(f) for f in ip_frames if f.conn != "telnet"]
     # The opener is local: right for outbound connections, the peer for the inbound one.
     conn_by_ports = {}
     for frame in ip_frames:
@@ -493,3 +500,29 @@ async def test_backend_never_has_more_than_its_window_unsettled(workdir: Path) -
     assert backend.verdicts["accept"] == len(records) == backend.written
     indexes = [frames.index(next(f for f in frames if ethernet(f) == data)) for _, data in records]
     assert indexes == sorted(indexes)
+
+
+@settings(max_examples=300, deadline=None)
+@given(link_type=st.sampled_from([0, 1, 12, 14, 101, 108, 113, 228, 229, 276]), frame=st.binary(max_size=80))
+def test_any_frame_is_an_ip_packet_or_none(link_type: int, frame: bytes) -> None:
+    raw = ip_packet(link_type, frame)
+    assert raw is None or (raw[0] >> 4 in (4, 6) and len(raw) >= 20)
+
+
+async def test_frames_of_garbage_are_skipped_not_fatal(workdir: Path) -> None:
+    garbage = [bytes([0x45, 0, 0, 20]) + bytes(range(n)) for n in range(30)] + [b"", b"\x60", b"\x08\x00" * 40]
+    with open(workdir / "in.pcap", "wb") as f:
+        writer = dpkt.pcap.Writer(f, linktype=101)
+        for index, data in enumerate(garbage):
+            writer.writepkt(data, ts=index)
+    backend = ReplayBackend(str(workdir / "in.pcap"), window=4)
+    sink = HoldingSink()
+    backend.start(asyncio.get_running_loop(), sink)
+    done = backend.play()
+    while not done.done():
+        batch, sink.held = sink.held, []
+        backend.apply(batch, Verdict.DROP, False)
+        await asyncio.sleep(0)
+    backend.close()
+    assert backend.frames == len(garbage) == backend.fed + backend.not_ip + backend.not_local
+    assert backend.verdicts["drop"] == backend.fed > 0 and backend.not_ip > 0
