@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pmk import config as defaults
+from pmk import logs
 from pmk.config import ServeConfig
 from pmk.errors import PmkError
 from pmk.verdicts import Verdict
@@ -34,6 +35,7 @@ log = logging.getLogger("pmk.replay")
 # that a broken decider fails the job quickly.
 DEFAULT_WAIT_TIMEOUT = 10.0
 REPLAY_SOCKET = "pmk-replay.sock"
+_BASIC_VERDICTS = (Verdict.ACCEPT, Verdict.BLOCK, Verdict.DROP)
 WINDOWS_REPLAY_PIPE = r"\\.\pipe\pmk-replay"
 
 
@@ -119,15 +121,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     replay.add_argument("--default-verdict", choices=[v.value for v in Verdict], default=defaults.DEFAULT_VERDICT.value)
     replay.add_argument("--verdict-timeout", type=_positive(float), default=defaults.DEFAULT_VERDICT_TIMEOUT)
     replay.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    replay.add_argument("--log-level", default="warning")
+    replay.add_argument("--log-level", choices=logs.LEVELS, default="warning", help="the server's log on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
     from pmk.loop import run as run_loop
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logs.configure_logging(args.log_level, logs.FORMATS[0])
     config = ServeConfig(
         endpoint=args.pipe or replay_endpoint(),
         packet_cache=args.packet_cache,
@@ -177,7 +177,8 @@ async def replay(config: ServeConfig, args: argparse.Namespace) -> dict[str, Any
         "not_ip": backend.not_ip,
         "not_local": backend.not_local,
         "packets": backend.fed,
-        **backend.verdicts,
+        # Reroutes only where they happened: replay configures no reroute targets.
+        **{v: n for v, n in backend.verdicts.items() if n or v in _BASIC_VERDICTS},
     }
     if args.write_accepted is not None:
         summary["written"] = backend.written
@@ -210,19 +211,21 @@ def _on_signals(callback: Callable[[], object]) -> None:
 
 
 def print_report(report: dict[str, Any], as_json: bool) -> None:
-    """The summary and the stats: JSON, or two tables a person reads."""
+    """The summary and the stats: JSON, or tables a person reads (the stats as ``pmk stats`` shows them)."""
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from pmk.ui.stats_view import render
+
+    summary = Table(title="pmk replay", title_justify="left", show_edge=False, pad_edge=False)
+    summary.add_column("")
+    summary.add_column("", justify="right")
+    for name, value in report["summary"].items():
+        summary.add_row(name, Text(str(value)))
     console = Console()
-    stats = dict(sorted(report["stats"].items()))
-    for title, rows in (("pmk replay", report["summary"]), ("pmk stats", stats)):
-        table = Table(title=title)
-        table.add_column("name")
-        table.add_column("value", justify="right")
-        for name, value in rows.items():
-            table.add_row(name, str(value))
-        console.print(table)
+    console.print(summary)
+    console.print(render(report["stats"]))

@@ -526,3 +526,15 @@ async def test_frames_of_garbage_are_skipped_not_fatal(workdir: Path) -> None:
     backend.close()
     assert backend.frames == len(garbage) == backend.fed + backend.not_ip + backend.not_local
     assert backend.verdicts["drop"] == backend.fed > 0 and backend.not_ip > 0
+
+
+def test_tables_for_a_person(workdir: Path) -> None:
+    frames = traffic()
+    write_pcap(workdir / "in.pcap", frames)
+    done = run_pmk(str(workdir / "in.pcap"), "--pipe", str(workdir / "s"), "--wait-deciders", "0")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    decided = len([f for f in frames if f.ip])
+    assert any(line.split() == ["packets", "│", str(decided)] for line in lines), done.stdout
+    assert any(line.split()[:3] == ["captured", "│", str(decided)] for line in lines), done.stdout
+    assert "reroute_to_nameserver" not in done.stdout  # the summary lists only verdicts that happened
