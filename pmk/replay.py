@@ -23,8 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pmk import config as defaults
-from pmk import logs
-from pmk.config import ServeConfig
+from pmk import config_layers, logs
+from pmk.config import OPTIONS, Integer, Seconds, ServeConfig
 from pmk.errors import PmkError
 from pmk.verdicts import Verdict
 
@@ -36,6 +36,8 @@ log = logging.getLogger("pmk.replay")
 DEFAULT_WAIT_TIMEOUT = 10.0
 REPLAY_SOCKET = "pmk-replay.sock"
 _BASIC_VERDICTS = (Verdict.ACCEPT, Verdict.BLOCK, Verdict.DROP)
+#: The ``pmk serve`` options that shape decisions, offered by replay under the same names.
+DECISION_OPTIONS = ("policy", "default-verdict", "verdict-timeout", "packet-cache", "verdict-cache")
 WINDOWS_REPLAY_PIPE = r"\\.\pipe\pmk-replay"
 
 
@@ -68,21 +70,17 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise argparse.ArgumentTypeError(f"not an address or CIDR network: {text!r}") from None
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
+def _flag(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a ``pmk.config`` kind's parser: its message, one usage line, exit 2."""
 
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError("must be positive")
-        return value
-
-    return parse
+    convert.__name__ = "value"
+    return convert
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -103,23 +101,38 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "Default: the side that opened each conversation is local",
     )
     replay.add_argument(
-        "--wait-deciders", type=_count, default=1, metavar="N", help="deciders to wait for before feeding (default 1)"
+        "--wait-deciders",
+        type=_flag(Integer(0).from_text),
+        default=1,
+        metavar="N",
+        help="deciders to wait for before feeding (default 1)",
     )
     replay.add_argument(
         "--wait-timeout",
-        type=_positive(float),
+        type=_flag(Seconds().from_text),
         default=DEFAULT_WAIT_TIMEOUT,
         metavar="S",
         help=f"give up waiting for deciders after S seconds (default {DEFAULT_WAIT_TIMEOUT:g})",
     )
     replay.add_argument("--write-accepted", default=None, metavar="OUT", help="write accepted packets to this pcap")
     replay.add_argument(
-        "--pipe", default=None, help="endpoint (default: $PMK_PIPE, else $XDG_RUNTIME_DIR/pmk-replay.sock or similar)"
+        "--pipe",
+        default=None,
+        metavar="PATH",
+        help="endpoint (default: $PMK_PIPE, else $XDG_RUNTIME_DIR/pmk-replay.sock or similar)",
     )
-    replay.add_argument("--packet-cache", type=_positive(int), default=defaults.DEFAULT_PACKET_CACHE)
-    replay.add_argument("--verdict-cache", type=_positive(int), default=defaults.DEFAULT_VERDICT_CACHE)
-    replay.add_argument("--default-verdict", choices=[v.value for v in Verdict], default=defaults.DEFAULT_VERDICT.value)
-    replay.add_argument("--verdict-timeout", type=_positive(float), default=defaults.DEFAULT_VERDICT_TIMEOUT)
+    # The decision options of `pmk serve`, same names, kinds and defaults (from flags only: see run()).
+    for option in OPTIONS:
+        if option.name in DECISION_OPTIONS:
+            shown = "" if option.default in (None, "") else f" (default {option.default})"
+            replay.add_argument(
+                option.flag,
+                dest=option.dest,
+                type=_flag(option.kind.from_text),
+                default=None,
+                metavar=option.kind.metavar(),
+                help=f"as for serve: {option.help}{shown}",
+            )
     replay.add_argument("--json", action="store_true", help="print JSON instead of tables")
     replay.add_argument("--log-level", choices=logs.LEVELS, default="warning", help="the server's log on stderr")
 
@@ -128,13 +141,11 @@ def run(args: argparse.Namespace) -> int:
     from pmk.loop import run as run_loop
 
     logs.configure_logging(args.log_level, logs.FORMATS[0])
-    config = ServeConfig(
-        endpoint=args.pipe or replay_endpoint(),
-        packet_cache=args.packet_cache,
-        verdict_cache=args.verdict_cache,
-        default_verdict=Verdict(args.default_verdict),
-        verdict_timeout=args.verdict_timeout,
-    )
+    # Flags only, no PMK_* variables or config file: a replay is a test, and its command line
+    # should say everything its outcome depends on (PMK_PIPE only says where to meet deciders).
+    flags = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name in DECISION_OPTIONS}
+    config = config_layers.resolve(argparse.Namespace(config=None, **flags), environ={}).config
+    config.endpoint = args.pipe or replay_endpoint()
     report = run_loop(replay(config, args), need_pipes=True)
     print_report(report, args.json)
     damaged = report["summary"].get("damaged")
