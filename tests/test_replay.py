@@ -538,3 +538,25 @@ def test_tables_for_a_person(workdir: Path) -> None:
     assert any(line.split() == ["packets", "│", str(decided)] for line in lines), done.stdout
     assert any(line.split()[:3] == ["captured", "│", str(decided)] for line in lines), done.stdout
     assert "reroute_to_nameserver" not in done.stdout  # the summary lists only verdicts that happened
+
+
+def test_the_fallback_policy_alone_decides_with_policy_file(workdir: Path) -> None:
+    frames = traffic()
+    write_pcap(workdir / "in.pcap", frames)
+    (workdir / "policy.toml").write_text(
+        '[[rule]]\nname = "dns-out"\ndirection = "outbound"\nprotocol = "udp"\nremote_port = 53\n'
+        'verdict = "accept"\ncache = true\n\n[default]\nverdict = "drop"\ncache = false\n'
+    )
+    done = run_pmk(
+        str(workdir / "in.pcap"), *LOCAL_ARGS, "--pipe", str(workdir / "s"), "--wait-deciders", "0",
+        "--policy", str(workdir / "policy.toml"), "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout)["stats"]
+    decided = [f for f in frames if f.ip and f.local]
+    dns = [f for f in decided if f.conn.startswith("dns")]
+    # A cached rule decides a connection once, and the packets waiting behind (the answers) go with it.
+    assert stats["accepted"] == len(dns) and stats["dropped"] == len(decided) - len(dns)
+    assert stats["policy_hits"] == {"dns-out": len({f.conn for f in dns}), "default": len(decided) - len(dns)}
+    assert stats["defaulted"] == len(decided) and stats["deciders"] == 0
+    assert identity_holds(stats)
