@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -560,3 +561,44 @@ def test_the_fallback_policy_alone_decides_with_policy_file(workdir: Path) -> No
     assert stats["policy_hits"] == {"dns-out": len({f.conn for f in dns}), "default": len(decided) - len(dns)}
     assert stats["defaulted"] == len(decided) and stats["deciders"] == 0
     assert identity_holds(stats)
+
+
+async def test_closing_stops_feeding_even_with_a_batch_scheduled(workdir: Path) -> None:
+    frames = [Frame(udp(LOCAL4, "198.51.100.53", 20000 + n, 53, b"q"), f"u{n}", True, False) for n in range(20)]
+    write_pcap(workdir / "in.pcap", frames)
+    backend = ReplayBackend(str(workdir / "in.pcap"), window=4, batch=2)
+    sink = HoldingSink()
+    backend.start(asyncio.get_running_loop(), sink)
+    backend.play()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert backend.fed == 4
+    backend.apply(sink.held[:2], Verdict.ACCEPT, False)  # schedules the next batch
+    backend.close()  # as the server does at shutdown, before the loop runs again
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert backend.fed == 4 and backend.damaged is None
+
+
+async def test_an_interrupted_replay_ends_with_one_line(workdir: Path) -> None:
+    frames = [Frame(udp(LOCAL4, "198.51.100.53", 20000 + n, 53, b"q"), f"u{n}", True, False) for n in range(50)]
+    write_pcap(workdir / "in.pcap", frames)
+    sock = workdir / "replay.sock"
+    replay = await start_replay(str(workdir / "in.pcap"), "--pipe", str(sock), "--verdict-timeout", "60")
+    asked = asyncio.Event()
+
+    async def decide(info: dict) -> Decision:  # type: ignore[type-arg]
+        asked.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("never answered")
+
+    client = await connect_when_listening(sock, decide)
+    try:
+        await asyncio.wait_for(asked.wait(), 20)
+        replay.send_signal(signal.SIGINT)
+        status, out, err = await finish(replay)
+    finally:
+        client.close()
+    assert status == 1
+    assert err.strip().splitlines()[-1] == "pmk: interrupted after 50 packets", err
+    assert "Traceback" not in err and out == "" and not sock.exists()

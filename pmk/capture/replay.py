@@ -220,6 +220,8 @@ class ReplayBackend(CaptureBackend):
 
     def _feed(self) -> None:
         self._feed_scheduled = False
+        if not self._feeding:
+            return  # closed since this was scheduled
         if self.window - self.outstanding < self.batch:
             return  # apply() schedules the next batch once enough has settled
         batch = self._read(self.batch)
