@@ -14,13 +14,12 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import logging
 import os
 import signal
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmk import config as defaults
 from pmk import config_layers, logs
@@ -28,7 +27,8 @@ from pmk.config import OPTIONS, Integer, Seconds, ServeConfig
 from pmk.errors import PmkError
 from pmk.verdicts import Verdict
 
-log = logging.getLogger("pmk.replay")
+if TYPE_CHECKING:
+    from pmk.server.app import Server
 
 # Deciders usually start together with the replay (a CI job, a shell `&`):
 # this is long enough for an interpreter to start and connect, short enough
@@ -198,11 +198,11 @@ async def replay(config: ServeConfig, args: argparse.Namespace) -> dict[str, Any
     return {"summary": summary, "stats": stats}
 
 
-async def _wait_for_deciders(server: Any, count: int, timeout: float, interrupted: asyncio.Future[None]) -> None:
+async def _wait_for_deciders(server: Server, count: int, timeout: float, interrupted: asyncio.Future[None]) -> None:
     """Return once ``count`` deciders said hello; PmkError after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while (connected := server.stats()["deciders"]) < count:
+    while (connected := _deciders(server)) < count:
         if interrupted.done():
             raise PmkError("interrupted while waiting for deciders")
         if loop.time() >= deadline:
@@ -210,6 +210,12 @@ async def _wait_for_deciders(server: Any, count: int, timeout: float, interrupte
                 f"{connected} of {count} deciders connected to {server.config.endpoint} within {timeout:g} s"
             )
         await asyncio.sleep(0.05)
+
+
+def _deciders(server: Server) -> int:
+    """Connected deciders, as ``get_stats`` tells them."""
+    count = server.stats()["deciders"]
+    return count if isinstance(count, int) else 0
 
 
 def _on_signals(callback: Callable[[], object]) -> None:
