@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import dpkt  # type: ignore[import-untyped]
+import dpkt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
-import dpkt  # type: ignore[import-untyped]
+import dpkt
 
 from pmk.capture.base import CaptureBackend, CapturedPacket, PacketSink
 from pmk.errors import PmkError, UsageError
