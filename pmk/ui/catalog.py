@@ -103,6 +103,10 @@ STATS: tuple[Stat, ...] = (
     Stat("rejects_sent", C, _B, "TCP RST or ICMP unreachable packets sent for block"),
     Stat("cached_batches", C, _B, "divert receives answered wholly from the cache"),
     Stat("other_batches", C, _B, "divert receives with anything else"),
+    Stat("replay_frames", C, _B, "frames read from the capture file (pmk replay)"),
+    Stat("replay_not_ip", C, _B, "frames skipped: not IP, or unreadable (pmk replay)"),
+    Stat("replay_not_local", C, _B, "packets skipped: neither side is --local (pmk replay)"),
+    Stat("replay_written", C, _B, "accepted frames written to --write-accepted (pmk replay)"),
     Stat("uptime", G, _S, "seconds since the server started", unit="seconds"),
 )
 
