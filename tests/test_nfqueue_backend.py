@@ -513,6 +513,7 @@ def test_fail_open_passes_when_nobody_listens(hosts: TwoHosts) -> None:
 
 def test_match_parsing() -> None:
     from pmk.capture.netfilter_rules import MatchItem, parse_match
+    from pmk.errors import UsageError
 
     assert parse_match("tcp:80, udp:5000-5010,icmp") == (
         MatchItem("tcp", 80, 80),
@@ -521,7 +522,7 @@ def test_match_parsing() -> None:
     )
     assert parse_match(None) == (MatchItem("all"),)
     for bad in ("sctp", "icmp:1", "tcp:0", "tcp:9-8", "tcp:x", ""):
-        with pytest.raises(ValueError):
+        with pytest.raises(UsageError):
             parse_match(bad)
 
 

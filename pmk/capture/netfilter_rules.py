@@ -28,15 +28,15 @@ is changed; ``remove`` and ``cleanup_stale`` take exactly those away.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import os
 import re
 import shlex
 import subprocess
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pmk.verdicts import ConnKey
+from pmk.errors import PmkError, UsageError
 
 CHAIN_PREFIX = "PMK-"
 HOOKS = (("INPUT", "PMK-IN"), ("OUTPUT", "PMK-OUT"))
@@ -63,8 +63,8 @@ class MarkCode(enum.IntEnum):
     BLOCK_ONCE = 5
 
 
-class RulesError(RuntimeError):
-    """iptables or conntrack refused a command; the message carries its stderr."""
+class RulesError(PmkError):
+    """iptables could not do what pmk asked; one line with its reason."""
 
 
 def mark_value(code: int, mask: int = DEFAULT_MARK_MASK) -> int:
@@ -92,7 +92,7 @@ def parse_match(spec: str | Sequence[str] | None) -> tuple[MatchItem, ...]:
     tcp, udp, icmp (v4 and v6) or all. A port matches on either side, so
     ``tcp:443`` covers a local service on 443 and connections to remote 443.
     None means ``all`` (every protocol but ICMPv6 neighbour discovery).
-    Raises ValueError for anything else.
+    Raises UsageError naming the first bad item.
     """
     if spec is None:
         return (MatchItem("all"),)
@@ -104,23 +104,23 @@ def parse_match(spec: str | Sequence[str] | None) -> tuple[MatchItem, ...]:
             continue
         proto, _, ports = text.partition(":")
         if proto not in ("tcp", "udp", "icmp", "all"):
-            raise ValueError(f"unknown protocol in match item {raw!r}")
+            raise UsageError(f"scope item {raw.strip()!r}: unknown protocol {proto!r} (use tcp, udp, icmp or all)")
         if not ports:
             out.append(MatchItem(proto))
             continue
         if proto not in ("tcp", "udp"):
-            raise ValueError(f"ports need tcp or udp: {raw!r}")
+            raise UsageError(f"scope item {raw.strip()!r}: only tcp and udp take ports")
         lo_text, _, hi_text = ports.partition("-")
         try:
             low = int(lo_text)
             high = int(hi_text) if hi_text else low
         except ValueError:
-            raise ValueError(f"bad port in match item {raw!r}") from None
+            raise UsageError(f"scope item {raw.strip()!r}: {ports!r} is not a port or LOW-HIGH range") from None
         if not 0 < low <= high <= 65535:
-            raise ValueError(f"port out of range in match item {raw!r}")
+            raise UsageError(f"scope item {raw.strip()!r}: ports must be 1-65535, low before high")
         out.append(MatchItem(proto, low, high))
     if not out:
-        raise ValueError("empty match")
+        raise UsageError("scope is empty (give items like tcp:443,udp:53 or leave it out for all traffic)")
     return tuple(out)
 
 
@@ -188,8 +188,51 @@ def build_restore(
     return "\n".join(lines) + "\n"
 
 
+def missing_rules(script: str, listing: str) -> list[str]:
+    """What of ``script`` (``build_restore``'s) is missing from ``listing`` (``iptables -S``).
+
+    Compared by count, which is cheap enough to run every few seconds: each
+    pmk chain must exist with as many rules as the script gives it, and each
+    hook must hold the script's jump with its owner comment. A rule rewritten
+    in place goes unnoticed; a flush, a delete or a removed chain does not.
+    """
+    lines = listing.splitlines()
+    want = Counter(line.split()[1] for line in script.splitlines() if line.startswith("-A "))
+    have = Counter(line.split()[1] for line in lines if line.startswith("-A "))
+    chains = {line.split()[1] for line in lines if line.startswith("-N ")}
+    problems = []
+    for chain in CHAINS:
+        if chain not in chains:
+            problems.append(f"chain {chain} is gone")
+        elif have[chain] != want[chain]:
+            problems.append(f"chain {chain} has {have[chain]} of its {want[chain]} rules")
+    for jump in script.splitlines():
+        found = re.match(r'-I (\S+) 1 -m comment --comment "([^"]*)" -j (\S+)$', jump)
+        if found:
+            hook, comment, chain = found.groups()
+            if not any(
+                line.startswith(f"-A {hook} ") and f'"{comment}"' in line and line.endswith(f"-j {chain}")
+                for line in lines
+            ):
+                problems.append(f"the jump from {hook} to {chain} is gone")
+    return problems
+
+
 def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=False)
+    try:
+        return subprocess.run(
+            list(argv), input=stdin, capture_output=True, text=True, timeout=_CMD_TIMEOUT, check=False
+        )
+    except OSError as error:
+        raise RulesError(f"cannot run {argv[0]}: {error.strerror} (the kernel fast path needs iptables)") from None
+    except subprocess.TimeoutExpired:
+        raise RulesError(f"{argv[0]} gave no answer within {_CMD_TIMEOUT:g} s") from None
+
+
+def _one_line(stderr: str) -> str:
+    """iptables' complaint without its usage hint, on one line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("Try `")]
+    return "; ".join(lines) or "failed without a message"
 
 
 def _hook_rules(tool: str) -> list[tuple[str, str]]:
@@ -232,7 +275,7 @@ def _remove_family(tool: str) -> bool:
         _run([tool, "-w", "-t", "filter", "-X", chain])
     left = chains_present(tool)
     if left:
-        raise RulesError(f"{tool}: could not remove chains {left}")
+        raise RulesError(f"{tool}: could not remove pmk's chains {', '.join(left)}")
     return removed or bool(present)
 
 
@@ -246,21 +289,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def cleanup_stale(mark_mask: int = DEFAULT_MARK_MASK) -> bool:
-    """Remove pmk chains left by a pmk that died, and the connection marks it left.
+def refuse_if_owned() -> None:
+    """Raise RulesError when a live pmk process (not this one) owns pmk's chains here.
 
-    Returns True when something was removed. Raises RulesError when a live
-    pmk process still owns the chains (two pmks in one namespace would fight).
+    Two pmks in one namespace would fight over the chains and the queue.
     """
+    for _family, tool in FAMILIES:
+        live = sorted(p for p in owners(tool) if p != os.getpid() and _alive(p))
+        if live:
+            pids = ", ".join(map(str, live))
+            raise RulesError(
+                f"another pmk (pid {pids}) runs the kernel fast path in this network namespace; stop it first"
+            )
+
+
+def cleanup_stale() -> bool:
+    """Remove pmk chains left by a pmk that died; True when something was removed.
+
+    Raises RulesError when a live pmk still owns them (``refuse_if_owned``).
+    The connection marks a dead pmk left are the caller's to clear (see
+    ``pmk.capture.conntrack``).
+    """
+    refuse_if_owned()
     removed = False
     for _family, tool in FAMILIES:
-        live = {p for p in owners(tool) if p != os.getpid() and _alive(p)}
-        if live:
-            raise RulesError(f"pmk chains in this namespace belong to running pid(s) {sorted(live)}")
-    for _family, tool in FAMILIES:
         removed |= _remove_family(tool)
-    if removed:
-        clear_conn_marks(mark_mask)
     return removed
 
 
@@ -284,90 +337,46 @@ class RuleSet:
     def script(self, v6: bool) -> str:
         return build_restore(self.queue_num, self.match, v6, self.fail_open, self.mark_mask)
 
-    def install(self) -> None:
-        """Install both families; on failure nothing of pmk's stays behind."""
-        cleanup_stale(self.mark_mask)
+    def install(self) -> bool:
+        """Install both families; on failure nothing of pmk's stays behind.
+
+        Returns True when a dead pmk's chains were removed first.
+        """
+        stale = cleanup_stale()
         self.installed = True
         try:
             for family, tool in FAMILIES:
-                proc = _run([f"{tool}-restore", "-w", "--noflush"], stdin=self.script(family == "ipv6"))
-                if proc.returncode != 0:
-                    raise RulesError(f"{tool}-restore: {proc.stderr.strip()}")
+                self._restore(family, tool)
         except BaseException:
             self.remove()
             raise
+        return stale
+
+    def _restore(self, family: str, tool: str) -> None:
+        proc = _run([f"{tool}-restore", "-w", "--noflush"], stdin=self.script(family == "ipv6"))
+        if proc.returncode != 0:
+            raise RulesError(f"{tool}-restore: {_one_line(proc.stderr)}")
+
+    def damage(self) -> dict[str, list[str]]:
+        """For each family whose rules are not all in place (tool name), what is missing."""
+        found = {}
+        for family, tool in FAMILIES:
+            proc = _run([tool, "-w", "-t", "filter", "-S"])
+            if proc.returncode != 0:
+                raise RulesError(f"{tool} -S: {_one_line(proc.stderr)}")
+            problems = missing_rules(self.script(family == "ipv6"), proc.stdout)
+            if problems:
+                found[tool] = problems
+        return found
+
+    def repair(self, tool: str) -> None:
+        """Put one family's chains and jumps back as ``install`` made them."""
+        family = {t: f for f, t in FAMILIES}[tool]
+        _remove_family(tool)
+        self._restore(family, tool)
 
     def remove(self) -> None:
         if self.installed:
             self.installed = False
             for _family, tool in FAMILIES:
                 _remove_family(tool)
-
-
-def _tuple_args(proto: int, src: str, dst: str, sport: int, dport: int) -> list[str]:
-    """conntrack's tuple options; port options need the protocol by name."""
-    name = {6: "tcp", 17: "udp"}.get(proto)
-    argv = ["-p", name or str(proto), "-s", src, "-d", dst]
-    if name:
-        argv += ["--sport", str(sport), "--dport", str(dport)]
-    return argv
-
-
-def set_conn_mark(key: ConnKey, code: int, mark_mask: int = DEFAULT_MARK_MASK) -> int:
-    """Set (code 0: clear) the pmk bits of the conntrack entry for ``key``.
-
-    Both orientations are tried, since the key does not say who opened the
-    connection. Returns how many entries changed; raises RulesError when
-    conntrack itself fails.
-    """
-    family = "ipv4" if len(key.local_ip) == 4 else "ipv6"
-    local, remote = str(ipaddress.ip_address(key.local_ip)), str(ipaddress.ip_address(key.remote_ip))
-    value = f"{mark_value(code, mark_mask) if code else 0:#x}/{mark_mask:#x}"
-    changed = 0
-    for src, dst, sport, dport in (
-        (local, remote, key.local_port, key.remote_port),
-        (remote, local, key.remote_port, key.local_port),
-    ):
-        # -f is needed with -U: without it the kernel gets AF_UNSPEC and refuses.
-        argv = ["conntrack", "-U", "-f", family, *_tuple_args(key.protocol, src, dst, sport, dport)]
-        changed += _count(_run([*argv, "-m", value]), "updated")
-    return changed
-
-
-def create_flow(
-    protocol: int,
-    src: bytes,
-    dst: bytes,
-    sport: int,
-    dport: int,
-    code: int,
-    mark_mask: int = DEFAULT_MARK_MASK,
-) -> bool:
-    """Create a marked conntrack entry for a flow whose first packet was dropped.
-
-    A dropped first packet takes its unconfirmed conntrack entry (and the mark
-    just set on it) along, so its retries would reach user space again; this
-    puts the verdict where the kernel rules find it. Returns False when the
-    entry already existed (then the rule's mark stuck).
-    """
-    argv = _tuple_args(protocol, str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst)), sport, dport)
-    extra = ["--state", "SYN_SENT"] if protocol == 6 else []
-    mark = f"{mark_value(code, mark_mask):#x}"
-    proc = _run(["conntrack", "-I", *argv, *extra, "--timeout", str(FLOW_TIMEOUT_S), "-m", mark])
-    return _count(proc, "created", exists_ok=True) > 0
-
-
-def clear_conn_marks(mark_mask: int = DEFAULT_MARK_MASK) -> int:
-    """Clear pmk's bits from every conntrack entry; other bits stay. Returns the count changed."""
-    value = f"0/{mark_mask:#x}"
-    return sum(_count(_run(["conntrack", "-U", "-f", fam, "-m", value]), "updated") for fam, _ in FAMILIES)
-
-
-def _count(proc: subprocess.CompletedProcess[str], verb: str, exists_ok: bool = False) -> int:
-    # conntrack exits 1 when nothing matched; only a real failure lacks the count line.
-    found = re.search(rf"(\d+) flow entries have been {verb}", proc.stderr)
-    if found:
-        return int(found.group(1))
-    if proc.returncode == 0 or (exists_ok and "exists" in proc.stderr):
-        return 0
-    raise RulesError(f"conntrack: {proc.stderr.strip()}")

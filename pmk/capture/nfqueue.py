@@ -14,32 +14,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import socket
 import struct
-import subprocess
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pmk.capture import netfilter_rules as rules
-from pmk.capture.base import CaptureBackend, CapturedPacket, PacketSink
+from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError, PacketSink
+from pmk.capture.conntrack import ConntrackError, ConntrackMarks
 from pmk.config import DEFAULT_QUEUE_MAXLEN
+from pmk.errors import PmkError, UsageError
 from pmk.packet.parse import TCP, UDP, parse_flow
 from pmk.verdicts import ConnKey, Verdict
+
+log = logging.getLogger(__name__)
 
 #: Packets taken per readable event, so one flood cannot starve the event loop.
 MAX_BATCH = 256
 #: netfilterqueue copies at most this much of each packet (its receive buffer
 #: is 4 KiB); raw is truncated there, headers are always whole.
 COPY_RANGE = 4016
+#: How often the rules watchdog checks that pmk's chains and jumps are in place.
+#: Until it puts back what someone flushed, traffic in scope passes unexamined,
+#: so the gap should be short; a check is one ``iptables -S`` per family (a few
+#: milliseconds of a worker thread), cheap enough for every two seconds.
+RULES_CHECK_INTERVAL_S = 2.0
 # Per-packet receive-buffer share used by netfilterqueue (copy size + netlink overhead).
 _SOCK_BYTES_PER_PACKET = 4800
 _NF_HOOK_LOCAL_OUT = 3
-_COUNTERS = ("received", "batches", "accepted", "blocked", "dropped", "verdict_errors", "flows_created", "flow_errors")
+_COUNTERS = (
+    "received",
+    "batches",
+    "accepted",
+    "blocked",
+    "dropped",
+    "verdict_errors",
+    "flows_created",
+    "flow_errors",
+    "rules_restored",
+    "rules_check_errors",
+)
 _PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
 # Netlink numbers from linux/netfilter/nfnetlink_queue.h (queue config message).
 _NFNL_SUBSYS_QUEUE = 3
@@ -61,7 +82,7 @@ def nfqueue_available() -> str | None:
         import netfilterqueue  # noqa: F401
     except ImportError as exc:
         return f"the netfilterqueue package is not importable ({exc})"
-    for tool in ("iptables", "ip6tables", "iptables-restore", "ip6tables-restore", "conntrack"):
+    for tool in ("iptables", "ip6tables", "iptables-restore", "ip6tables-restore"):
         if shutil.which(tool) is None:
             return f"the {tool} command is missing"
     if not _has_net_admin():
@@ -175,22 +196,28 @@ class NfqueueBackend(CaptureBackend):
         mark_mask: int = rules.DEFAULT_MARK_MASK,
     ) -> None:
         if not 0 <= queue_num <= 65535:
-            raise ValueError("queue_num must be 0..65535")
+            raise UsageError(f"queue number {queue_num} is outside 0-65535")
         if queue_maxlen < 1:
-            raise ValueError("queue_maxlen must be positive")
+            raise UsageError(f"queue length {queue_maxlen} must be at least 1")
         self.queue_num = queue_num
         self.fail_open = fail_open
         self.queue_maxlen = queue_maxlen
         self.mark_mask = mark_mask
         self._rules = rules.RuleSet(queue_num, match, fail_open, mark_mask)
         self._marks = {code: rules.mark_value(code, mark_mask) for code in rules.MarkCode}
+        # The codes the rules copy to the connection mark (see netfilter_rules).
+        stored = (rules.MarkCode.ACCEPT, rules.MarkCode.BLOCK, rules.MarkCode.DROP)
+        self._conntrack = ConntrackMarks(mark_mask, [self._marks[code] for code in stored])
         self._nfq: Any = None
         self._sock: socket.socket | None = None
         self._reader: _BoundedRecv | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: PacketSink | None = None
         self._batch: list[CapturedPacket] = []
-        self._pool: ThreadPoolExecutor | None = None
+        self._rules_worker: ThreadPoolExecutor | None = None
+        # Held while rules change (watchdog repair, close), so a repair never follows a removal.
+        self._rules_lock = threading.Lock()
+        self._rules_check: asyncio.TimerHandle | None = None
         self._closed = False
         self._installed = False
         self._counts = dict.fromkeys(_COUNTERS, 0)
@@ -198,13 +225,33 @@ class NfqueueBackend(CaptureBackend):
     # --- lifecycle -------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop, sink: PacketSink) -> None:
-        """Bind the queue, then install the rules (so no packet finds the queue unbound)."""
+        """Bind the queue, then install the rules (so no packet finds the queue unbound).
+
+        Raises PmkError (one line) when this host cannot run the kernel fast
+        path: no privileges, no NFQUEUE or iptables, another pmk owning the chains.
+        """
         if self._nfq is not None or self._closed:
             raise RuntimeError("backend already started or closed")
-        from netfilterqueue import COPY_PACKET, NetfilterQueue
-
         self._loop, self._sink = loop, sink
         try:
+            rules.refuse_if_owned()  # before binding: the other pmk may hold this queue
+            self._bind()
+            self._rules_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmk-rules")
+            self._rules.install()
+            self._installed = True
+            # Marks a dead pmk left would act under the new rules; nobody else owns them now.
+            self._conntrack.clear_marks()
+            assert self._sock is not None
+            loop.add_reader(self._sock.fileno(), self._drain)
+            self._schedule_rules_check()
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind(self) -> None:
+        try:
+            from netfilterqueue import COPY_PACKET, NetfilterQueue
+
             self._nfq = NetfilterQueue()
             with warnings.catch_warnings():
                 # It warns when the kernel caps the receive buffer; not worth failing for.
@@ -221,35 +268,67 @@ class NfqueueBackend(CaptureBackend):
             self._sock.setblocking(False)
             if self.fail_open:
                 _set_fail_open(self._sock, self.queue_num, True)
-            self._reader = _BoundedRecv(self._sock)
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmk-conntrack")
-            self._rules.install()
-            self._installed = True
-            loop.add_reader(self._sock.fileno(), self._drain)
-        except BaseException:
-            self.close()
-            raise
+        except (ImportError, OSError) as error:
+            reason = nfqueue_available() or f"{error} (does another program hold this queue?)"
+            raise PmkError(f"cannot bind NFQUEUE {self.queue_num}: {reason}") from error
+        self._reader = _BoundedRecv(self._sock)
 
     def close(self) -> None:
         """Remove the rules, unbind (held packets are dropped), clear pmk's marks."""
         if self._closed:
             return
         self._closed = True
+        if self._rules_check is not None:
+            self._rules_check.cancel()
         if self._loop is not None and self._sock is not None:
             with contextlib.suppress(ValueError, RuntimeError):  # loop already closed
                 self._loop.remove_reader(self._sock.fileno())
         try:
-            self._rules.remove()
+            with self._rules_lock:  # waits for a running check; none repairs after this
+                self._rules.remove()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+            if self._rules_worker is not None:
+                self._rules_worker.shutdown(wait=True)
             if self._sock is not None:
                 self._sock.close()
             if self._nfq is not None:
                 self._nfq.unbind()
                 self._nfq = None
-            if self._installed:  # only then can the marks be ours
-                rules.clear_conn_marks(self.mark_mask)
+            try:
+                if self._installed:  # only then can the marks be ours
+                    self._conntrack.clear_marks()
+            finally:
+                self._conntrack.close()
+
+    # --- rules watchdog ----------------------------------------------------
+
+    def _schedule_rules_check(self) -> None:
+        if not self._closed and self._loop is not None:
+            self._rules_check = self._loop.call_later(RULES_CHECK_INTERVAL_S, self._start_rules_check)
+
+    def _start_rules_check(self) -> None:
+        if self._closed or self._loop is None or self._rules_worker is None:
+            return
+        self._loop.run_in_executor(self._rules_worker, self._check_rules).add_done_callback(self._rules_checked)
+
+    def _rules_checked(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            log.error("the rules watchdog failed", exc_info=done.exception())
+        self._schedule_rules_check()
+
+    def _check_rules(self) -> None:
+        """Put back pmk's chains and jumps where someone removed or flushed them (worker thread)."""
+        with self._rules_lock:
+            if self._closed:
+                return
+            try:
+                for tool, problems in self._rules.damage().items():
+                    log.warning("%s: pmk's rules were changed (%s); putting them back", tool, "; ".join(problems))
+                    self._rules.repair(tool)
+                    self._counts["rules_restored"] += 1
+            except rules.RulesError as error:
+                self._counts["rules_check_errors"] += 1
+                log.error("checking pmk's rules: %s", error)
 
     # --- receive ---------------------------------------------------------
 
@@ -306,37 +385,61 @@ class NfqueueBackend(CaptureBackend):
                 self._remember_dropped_flow(cp, code)
 
     def _remember_dropped_flow(self, packet: CapturedPacket, code: int | None) -> None:
-        """Re-create the conntrack entry a dropped first packet took along (see create_flow)."""
+        """Re-create the conntrack entry a dropped first packet took along.
+
+        A dropped first packet takes its unconfirmed conntrack entry (and the
+        mark just set on it) along, so its retries would reach user space
+        again; a marked entry puts the verdict where the kernel rules find it.
+        """
         raw = packet.raw
         flow = packet.flow or parse_flow(raw)  # held packets were parsed when held
-        if flow is None or flow.protocol not in (TCP, UDP) or code is None or self._pool is None:
+        if flow is None or flow.protocol not in (TCP, UDP) or code is None:
             return
         if flow.protocol == TCP:
             offset = flow.transport_offset
             syn_only = offset >= 0 and len(raw) > offset + 13 and (raw[offset + 13] & 0x12) == 0x02
             if not (syn_only and code == rules.MarkCode.DROP):
                 return  # later TCP packets have a confirmed entry; a blocked SYN got its reset
-        self._pool.submit(self._create_flow, flow.protocol, flow.src, flow.dst, flow.src_port, flow.dst_port, code)
-
-    def _create_flow(self, protocol: int, src: bytes, dst: bytes, sport: int, dport: int, code: int) -> None:
+        args = (flow.protocol, flow.src, flow.dst, flow.src_port, flow.dst_port, self._marks[rules.MarkCode(code)])
         try:
-            if rules.create_flow(protocol, src, dst, sport, dport, code, mark_mask=self.mark_mask):
-                self._counts["flows_created"] += 1
-        except (rules.RulesError, OSError, subprocess.SubprocessError):
-            self._counts["flow_errors"] += 1  # only this worker thread writes it
+            created = self._conntrack.create_flow(*args, timeout=rules.FLOW_TIMEOUT_S)
+        except RuntimeError:  # closing
+            return
+        created.add_done_callback(self._count_flow)
+
+    def _count_flow(self, created: Future[bool]) -> None:
+        # Runs on the conntrack worker thread (where the future completes), the one writer here.
+        if created.exception() is not None:
+            self._counts["flow_errors"] += 1
+        elif created.result():
+            self._counts["flows_created"] += 1
 
     def update_connection(self, key: ConnKey, verdict: Verdict | None) -> None:
-        """Re-mark a live connection (None: forget it, its next packet is asked about)."""
-        code = {
+        """Re-mark a live connection (None: forget it, its next packet is asked about).
+
+        Blocking, for a worker thread; raises KernelUpdateError and then the
+        connection keeps its mark (one atomic change in the kernel).
+        """
+        codes = {
             Verdict.ACCEPT: rules.MarkCode.ACCEPT,
             Verdict.BLOCK: rules.MarkCode.BLOCK,
             Verdict.DROP: rules.MarkCode.DROP,
-            None: 0,
-        }[verdict]
-        rules.set_conn_mark(key, code, self.mark_mask)
+        }
+        try:
+            self._conntrack.set_mark(key, 0 if verdict is None else self._marks[codes[verdict]])
+        except ConntrackError as error:
+            raise KernelUpdateError(str(error)) from error
 
     def forget_all(self) -> None:
-        rules.clear_conn_marks(self.mark_mask)
+        """Clear pmk's mark from every connection (blocking; raises KernelUpdateError).
+
+        On failure some marks may be gone already: those connections are asked
+        about again, and the engine, whose cache is unchanged, answers them.
+        """
+        try:
+            self._conntrack.clear_marks()
+        except ConntrackError as error:
+            raise KernelUpdateError(str(error)) from error
 
     def stats(self) -> dict[str, int]:
         out = dict(self._counts)

@@ -1,0 +1,209 @@
+"""pmk's bits of conntrack marks, read and written over netlink (ctnetlink, with pyroute2).
+
+Why netlink rather than the ``conntrack`` program: one request per change
+instead of a process, errors as numbers instead of text to parse, dumps the
+kernel filters by mark, and a mark change the kernel makes atomically with a
+mask (the new mark is ``(old & ~mask) ^ value``), so other users' bits and a
+rule marking the same connection at the same moment are never overwritten
+with stale bits.
+
+Threads: pyroute2's blocking calls run a private asyncio loop in the calling
+thread, so they must not run on pmk's event loop thread; and two threads must
+not share one netlink socket. So every request goes through one worker thread
+owned by ``ConntrackMarks``, which alone holds its sockets (one per address
+family). Callers wait for the answer (``set_mark``, ``clear_marks``) or
+collect it later (``create_flow``); the packet path never waits.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from pyroute2.conntrack import Conntrack
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import TCP_CONNTRACK_SYN_SENT, NFCTAttrTuple
+
+from pmk.errors import PmkError
+from pmk.packet.parse import PORT_PROTOCOLS, TCP
+from pmk.verdicts import ConnKey, ip_text
+
+T = TypeVar("T")
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+_HINTS = {
+    errno.EPERM: "needs root or CAP_NET_ADMIN",
+    errno.EOPNOTSUPP: "is nf_conntrack_netlink available?",
+    errno.EPROTONOSUPPORT: "is nf_conntrack_netlink available?",
+}
+
+
+class ConntrackError(PmkError):
+    """The kernel refused a conntrack request (or cannot take one); one line saying which and why."""
+
+
+def _family(address: bytes) -> int:
+    return socket.AF_INET if len(address) == 4 else socket.AF_INET6
+
+
+def _tuple(protocol: int, src: bytes, dst: bytes, sport: int, dport: int) -> NFCTAttrTuple:
+    ports = {"sport": sport, "dport": dport} if protocol in PORT_PROTOCOLS else {}
+    return NFCTAttrTuple(_family(src), saddr=ip_text(src), daddr=ip_text(dst), proto=protocol, **ports)
+
+
+def describe(key: ConnKey) -> str:
+    """A connection as a person reads it in an error message."""
+    name = _PROTOCOL_NAMES.get(key.protocol, f"protocol {key.protocol}")
+    if key.protocol in PORT_PROTOCOLS:
+        local, remote = f"{ip_text(key.local_ip)}:{key.local_port}", f"{ip_text(key.remote_ip)}:{key.remote_port}"
+    else:
+        local, remote = ip_text(key.local_ip), ip_text(key.remote_ip)
+    return f"{name} {local} <-> {remote}"
+
+
+def _reason(error: BaseException) -> str:
+    code = getattr(error, "code", None) if isinstance(error, NetlinkError) else getattr(error, "errno", None)
+    if isinstance(code, int) and code > 0:
+        hint = _HINTS.get(code)
+        return os.strerror(code) + (f" ({hint})" if hint else "")
+    return str(error) or type(error).__name__
+
+
+class ConntrackMarks:
+    """Reads and changes the bits of conntrack marks under ``mark_mask``; other bits stay.
+
+    ``connection_values`` are the mark values pmk's rules store on
+    connections (what ``clear_marks`` looks for). Every method but ``close``
+    may be called from any thread.
+    """
+
+    def __init__(self, mark_mask: int, connection_values: Iterable[int]) -> None:
+        self.mark_mask = mark_mask
+        self.connection_values = tuple(connection_values)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmk-conntrack")
+        self._sockets: dict[int, Conntrack] = {}  # used on the worker thread only
+
+    # --- called from any thread ----------------------------------------------
+
+    def set_mark(self, key: ConnKey, value: int) -> int:
+        """Set pmk's bits of ``key``'s entries to ``value`` (0 clears); returns how many changed.
+
+        A connection that has no entry (it ended) changes nothing and is no
+        error. Raises ConntrackError when the kernel refuses.
+        """
+        return self._wait(self._set_mark, key, value)
+
+    def clear_marks(self) -> int:
+        """Clear pmk's bits from every entry that has one of ``connection_values``; returns the count."""
+        return self._wait(self._clear_marks)
+
+    def create_flow(
+        self, protocol: int, src: bytes, dst: bytes, sport: int, dport: int, value: int, timeout: int
+    ) -> Future[bool]:
+        """Create a marked entry for a flow; the future says False when one already existed."""
+        return self._worker.submit(self._create_flow, protocol, src, dst, sport, dport, value, timeout)
+
+    def close(self) -> None:
+        """Wait for queued requests, then close the sockets."""
+        self._worker.submit(self._close_sockets)
+        self._worker.shutdown(wait=True)
+
+    # --- on the worker thread ------------------------------------------------
+
+    def _wait(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            future = self._worker.submit(fn, *args)
+        except RuntimeError as error:  # shut down
+            raise ConntrackError(f"conntrack: {error}") from None
+        return future.result()
+
+    def _socket(self, family: int) -> Conntrack:
+        sock = self._sockets.get(family)
+        if sock is None:
+            sock = self._sockets[family] = Conntrack(nfgen_family=family)
+        return sock
+
+    def _request(self, what: str, family: int, action: Callable[[Conntrack], T]) -> T:
+        """Run ``action`` on the family's socket; a failure becomes ConntrackError and a fresh socket."""
+        try:
+            return action(self._socket(family))
+        except (NetlinkError, OSError) as error:
+            stale = self._sockets.pop(family, None)
+            if stale is not None and not isinstance(error, NetlinkError):
+                stale.close()
+            raise ConntrackError(f"conntrack: {what}: {_reason(error)}") from error
+
+    def _change(self, family: int, what: str, value: int, **lookup: Any) -> int:
+        """One mark change of the entry ``lookup`` names; 0 when that entry is gone."""
+
+        def change(sock: Conntrack) -> int:
+            try:
+                sock.entry("set", mark=value, mark_mask=self.mark_mask, **lookup)
+            except NetlinkError as error:
+                if error.code == errno.ENOENT:
+                    return 0
+                raise
+            return 1
+
+        return self._request(what, family, change)
+
+    def _set_mark(self, key: ConnKey, value: int) -> int:
+        family = _family(key.local_ip)
+        what = f"setting the mark of {describe(key)}"
+        local_first = _tuple(key.protocol, key.local_ip, key.remote_ip, key.local_port, key.remote_port)
+        if key.protocol in PORT_PROTOCOLS:
+            # The kernel finds an entry by either direction's tuple: one request.
+            return self._change(family, what, value, tuple_orig=local_first)
+        # Without ports a key covers every flow of the protocol between the two addresses.
+        remote_first = local_first.reverse()
+        entries = self._request(what, family, lambda sock: list(sock.dump_entries()))
+        changed = 0
+        for entry in entries:
+            # Compared with the pattern on the left: its unset fields match anything.
+            if local_first == entry.tuple_orig or remote_first == entry.tuple_orig:
+                changed += self._change(family, what, value, tuple_orig=entry.tuple_orig, zone=entry.zone or None)
+        return changed
+
+    def _clear_marks(self) -> int:
+        cleared = 0
+        for family in FAMILIES:
+            for value in self.connection_values:
+
+                def marked(sock: Conntrack, value: int = value) -> list[Any]:
+                    return list(sock.dump_entries(mark=value, mark_mask=self.mark_mask))
+
+                for entry in self._request(f"listing entries marked {value:#x}/{self.mark_mask:#x}", family, marked):
+                    lookup = {"tuple_orig": entry.tuple_orig, "zone": entry.zone or None}
+                    cleared += self._change(family, "clearing pmk's marks", 0, **lookup)
+        return cleared
+
+    def _create_flow(
+        self, protocol: int, src: bytes, dst: bytes, sport: int, dport: int, value: int, timeout: int
+    ) -> bool:
+        orig = _tuple(protocol, src, dst, sport, dport)
+        request: dict[str, Any] = {"tuple_orig": orig, "tuple_reply": orig.reverse(), "timeout": timeout, "mark": value}
+        if protocol == TCP:  # the state a SYN leaves behind, so retries match it
+            state = [["CTA_PROTOINFO_TCP_STATE", TCP_CONNTRACK_SYN_SENT]]
+            request["protoinfo"] = {"attrs": [["CTA_PROTOINFO_TCP", {"attrs": state}]]}
+
+        def create(sock: Conntrack) -> bool:
+            try:
+                sock.entry("add", **request)
+            except NetlinkError as error:
+                if error.code == errno.EEXIST:
+                    return False
+                raise
+            return True
+
+        return self._request(
+            f"creating an entry for {describe(ConnKey(protocol, src, sport, dst, dport))}", _family(src), create
+        )
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
