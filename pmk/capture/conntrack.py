@@ -7,24 +7,27 @@ mask (the new mark is ``(old & ~mask) ^ value``), so other users' bits and a
 rule marking the same connection at the same moment are never overwritten
 with stale bits.
 
-Threads: pyroute2's blocking calls run a private asyncio loop in the calling
-thread, so they must not run on pmk's event loop thread; and two threads must
-not share one netlink socket. So every request goes through one worker thread
-owned by ``ConntrackMarks``, which alone holds its sockets (one per address
-family). Callers wait for the answer (``set_mark``, ``clear_marks``) or
-collect it later (``create_flow``); the packet path never waits.
+Threads: pyroute2 speaks netlink through asyncio, and pmk's event loop must
+not wait on it; two threads must not share one netlink socket either. So
+every request runs on one worker thread owned by ``ConntrackMarks``, on that
+thread's own event loop, which alone holds the sockets (one per address
+family) and carries out one request at a time. Callers wait for the answer
+(``set_mark``, ``clear_marks``) or collect it later (``create_flow``); the
+packet path never waits. (pyroute2's blocking wrappers would do the same
+work with a fresh event loop per call, at twice the CPU per request.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pyroute2.conntrack import Conntrack
+from pyroute2.conntrack import AsyncConntrack
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import TCP_CONNTRACK_SYN_SENT, NFCTAttrTuple
 
@@ -85,7 +88,9 @@ class ConntrackMarks:
         self.mark_mask = mark_mask
         self.connection_values = tuple(connection_values)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmk-conntrack")
-        self._sockets: dict[int, Conntrack] = {}  # used on the worker thread only
+        # Both used on the worker thread only.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sockets: dict[int, AsyncConntrack] = {}
 
     # --- called from any thread ----------------------------------------------
 
@@ -95,93 +100,104 @@ class ConntrackMarks:
         A connection that has no entry (it ended) changes nothing and is no
         error. Raises ConntrackError when the kernel refuses.
         """
-        return self._wait(self._set_mark, key, value)
+        return self._submit(self._set_mark(key, value)).result()
 
     def clear_marks(self) -> int:
         """Clear pmk's bits from every entry that has one of ``connection_values``; returns the count."""
-        return self._wait(self._clear_marks)
+        return self._submit(self._clear_marks()).result()
 
     def create_flow(
         self, protocol: int, src: bytes, dst: bytes, sport: int, dport: int, value: int, timeout: int
     ) -> Future[bool]:
         """Create a marked entry for a flow; the future says False when one already existed."""
-        return self._worker.submit(self._create_flow, protocol, src, dst, sport, dport, value, timeout)
+        return self._submit(self._create_flow(protocol, src, dst, sport, dport, value, timeout))
 
     def close(self) -> None:
         """Wait for queued requests, then close the sockets."""
-        self._worker.submit(self._close_sockets)
+        self._worker.submit(self._close)
         self._worker.shutdown(wait=True)
+
+    def _submit(self, request: Coroutine[Any, Any, T]) -> Future[T]:
+        try:
+            return self._worker.submit(self._run, request)
+        except RuntimeError as error:  # closed
+            request.close()
+            raise ConntrackError(f"conntrack: {error}") from None
 
     # --- on the worker thread ------------------------------------------------
 
-    def _wait(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            future = self._worker.submit(fn, *args)
-        except RuntimeError as error:  # shut down
-            raise ConntrackError(f"conntrack: {error}") from None
-        return future.result()
+    def _run(self, request: Coroutine[Any, Any, T]) -> T:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(request)
 
-    def _socket(self, family: int) -> Conntrack:
-        sock = self._sockets.get(family)
-        if sock is None:
-            sock = self._sockets[family] = Conntrack(nfgen_family=family)
-        return sock
+    def _close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        if self._loop is not None:
+            self._loop.close()
 
-    def _request(self, what: str, family: int, action: Callable[[Conntrack], T]) -> T:
+    async def _request(self, what: str, family: int, action: Callable[[AsyncConntrack], Awaitable[T]]) -> T:
         """Run ``action`` on the family's socket; a failure becomes ConntrackError and a fresh socket."""
         try:
-            return action(self._socket(family))
+            sock = self._sockets.get(family)
+            if sock is None:
+                sock = self._sockets[family] = AsyncConntrack(nfgen_family=family)
+            return await action(sock)
         except (NetlinkError, OSError) as error:
             stale = self._sockets.pop(family, None)
-            if stale is not None and not isinstance(error, NetlinkError):
+            if stale is not None:
                 stale.close()
             raise ConntrackError(f"conntrack: {what}: {_reason(error)}") from error
 
-    def _change(self, family: int, what: str, value: int, **lookup: Any) -> int:
+    async def _change(self, family: int, what: str, value: int, **lookup: Any) -> int:
         """One mark change of the entry ``lookup`` names; 0 when that entry is gone."""
 
-        def change(sock: Conntrack) -> int:
+        async def change(sock: AsyncConntrack) -> int:
             try:
-                sock.entry("set", mark=value, mark_mask=self.mark_mask, **lookup)
+                await sock.entry("set", mark=value, mark_mask=self.mark_mask, **lookup)
             except NetlinkError as error:
                 if error.code == errno.ENOENT:
                     return 0
                 raise
             return 1
 
-        return self._request(what, family, change)
+        return await self._request(what, family, change)
 
-    def _set_mark(self, key: ConnKey, value: int) -> int:
+    async def _dump(self, what: str, family: int, **filters: Any) -> list[Any]:
+        async def dump(sock: AsyncConntrack) -> list[Any]:
+            return [entry async for entry in await sock.dump_entries(**filters)]
+
+        return await self._request(what, family, dump)
+
+    async def _set_mark(self, key: ConnKey, value: int) -> int:
         family = _family(key.local_ip)
         what = f"setting the mark of {describe(key)}"
         local_first = _tuple(key.protocol, key.local_ip, key.remote_ip, key.local_port, key.remote_port)
         if key.protocol in PORT_PROTOCOLS:
             # The kernel finds an entry by either direction's tuple: one request.
-            return self._change(family, what, value, tuple_orig=local_first)
+            return await self._change(family, what, value, tuple_orig=local_first)
         # Without ports a key covers every flow of the protocol between the two addresses.
         remote_first = local_first.reverse()
-        entries = self._request(what, family, lambda sock: list(sock.dump_entries()))
         changed = 0
-        for entry in entries:
+        for entry in await self._dump(what, family):
             # Compared with the pattern on the left: its unset fields match anything.
             if local_first == entry.tuple_orig or remote_first == entry.tuple_orig:
-                changed += self._change(family, what, value, tuple_orig=entry.tuple_orig, zone=entry.zone or None)
+                changed += await self._change(family, what, value, tuple_orig=entry.tuple_orig, zone=entry.zone or None)
         return changed
 
-    def _clear_marks(self) -> int:
+    async def _clear_marks(self) -> int:
         cleared = 0
         for family in FAMILIES:
             for value in self.connection_values:
-
-                def marked(sock: Conntrack, value: int = value) -> list[Any]:
-                    return list(sock.dump_entries(mark=value, mark_mask=self.mark_mask))
-
-                for entry in self._request(f"listing entries marked {value:#x}/{self.mark_mask:#x}", family, marked):
+                what = f"listing entries marked {value:#x}/{self.mark_mask:#x}"
+                for entry in await self._dump(what, family, mark=value, mark_mask=self.mark_mask):
                     lookup = {"tuple_orig": entry.tuple_orig, "zone": entry.zone or None}
-                    cleared += self._change(family, "clearing pmk's marks", 0, **lookup)
+                    cleared += await self._change(family, "clearing pmk's marks", 0, **lookup)
         return cleared
 
-    def _create_flow(
+    async def _create_flow(
         self, protocol: int, src: bytes, dst: bytes, sport: int, dport: int, value: int, timeout: int
     ) -> bool:
         orig = _tuple(protocol, src, dst, sport, dport)
@@ -190,20 +206,14 @@ class ConntrackMarks:
             state = [["CTA_PROTOINFO_TCP_STATE", TCP_CONNTRACK_SYN_SENT]]
             request["protoinfo"] = {"attrs": [["CTA_PROTOINFO_TCP", {"attrs": state}]]}
 
-        def create(sock: Conntrack) -> bool:
+        async def create(sock: AsyncConntrack) -> bool:
             try:
-                sock.entry("add", **request)
+                await sock.entry("add", **request)
             except NetlinkError as error:
                 if error.code == errno.EEXIST:
                     return False
                 raise
             return True
 
-        return self._request(
-            f"creating an entry for {describe(ConnKey(protocol, src, sport, dst, dport))}", _family(src), create
-        )
-
-    def _close_sockets(self) -> None:
-        for sock in self._sockets.values():
-            sock.close()
-        self._sockets.clear()
+        what = f"creating an entry for {describe(ConnKey(protocol, src, sport, dst, dport))}"
+        return await self._request(what, _family(src), create)

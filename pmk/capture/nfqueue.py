@@ -403,7 +403,7 @@ class NfqueueBackend(CaptureBackend):
         args = (flow.protocol, flow.src, flow.dst, flow.src_port, flow.dst_port, self._marks[rules.MarkCode(code)])
         try:
             created = self._conntrack.create_flow(*args, timeout=rules.FLOW_TIMEOUT_S)
-        except RuntimeError:  # closing
+        except ConntrackError:  # closing
             return
         created.add_done_callback(self._count_flow)
 
