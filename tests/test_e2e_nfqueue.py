@@ -54,3 +54,21 @@ async def test_crashed_pmk_fails_closed_and_the_next_start_cleans_up() -> None:
         assert (await bed.client.tcp_connect(ip, 7215, id="after"))["ok"]
         assert await bed.client.ping("back", id="after") == {"data": "back"}
         # The testbed's exit stops this pmk and checks that no rule is left.
+
+
+async def test_flushed_rules_come_back_and_are_counted() -> None:
+    async with Testbed("nfqueue", ["tcp:7217"]) as bed:
+        ip = bed.hosts.server_ip
+        decider = await bed.decider(lambda info: Decision("block", permanent=True))
+        installed = sorted(pmk_rules(bed.hosts))
+        for tool in ("iptables", "ip6tables"):
+            bed.hosts.sh(bed.hosts.server, tool, "-w", "-F")
+        assert not any("-j PMK-IN" in line for line in pmk_rules(bed.hosts))
+
+        stats = await bed.server.wait_stats(lambda s: s["rules_restored"] == 2, "both families' rules restored")
+        assert stats["rules_check_errors"] == 0
+        assert sorted(pmk_rules(bed.hosts)) == installed
+        assert "putting them back" in bed.server.log()
+        # Decided by pmk again: the decider is asked and its block holds.
+        assert await bed.client.tcp_connect(ip, 7217, id="after", timeout=QUIET) == {"error": "ECONNREFUSED"}
+        assert len(decider.infos) == 1
