@@ -120,9 +120,9 @@ class ConntrackMarks:
     def _submit(self, request: Coroutine[Any, Any, T]) -> Future[T]:
         try:
             return self._worker.submit(self._run, request)
-        except RuntimeError as error:  # closed
+        except RuntimeError:  # closed
             request.close()
-            raise ConntrackError(f"conntrack: {error}") from None
+            raise ConntrackError("conntrack: pmk is shutting down its kernel fast path") from None
 
     # --- on the worker thread ------------------------------------------------
 
@@ -136,6 +136,8 @@ class ConntrackMarks:
             sock.close()
         self._sockets.clear()
         if self._loop is not None:
+            self._loop.run_until_complete(asyncio.sleep(0))  # lets the closed transports finish
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
 
     async def _request(self, what: str, family: int, action: Callable[[AsyncConntrack], Awaitable[T]]) -> T:

@@ -1,0 +1,29 @@
+"""A fault for end-to-end tests: conntrack mark changes refused, as the kernel would refuse them.
+
+Python imports ``sitecustomize`` at start from PYTHONPATH. With
+``PMK_TEST_REFUSE_CONNTRACK`` naming a file, every conntrack mark change
+(pyroute2's ``entry("set")``) fails with EPERM for as long as that file exists.
+Without the variable this does nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+_SWITCH = os.environ.get("PMK_TEST_REFUSE_CONNTRACK")
+
+if _SWITCH:
+    from typing import Any
+
+    from pyroute2.conntrack import AsyncConntrack
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    _real_entry = AsyncConntrack.entry
+
+    async def _entry(self: AsyncConntrack, cmd: str, **kwargs: Any) -> Any:
+        if cmd == "set" and os.path.exists(str(_SWITCH)):
+            raise NetlinkError(errno.EPERM)
+        return await _real_entry(self, cmd, **kwargs)
+
+    AsyncConntrack.entry = _entry
