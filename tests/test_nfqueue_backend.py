@@ -36,18 +36,18 @@ PY = sys.executable
 QUEUE = 7
 MATCH = "tcp:5001-5009,udp:5011-5019"
 # port -> [verdict, permanent]; "hold" never answers (fills the queue).
-POLICY = {
-    "tcp:5001": ["accept", True],
-    "tcp:5002": ["block", True],
-    "tcp:5003": ["drop", True],
-    "tcp:5004": ["accept", False],
-    "tcp:5005": ["block", False],
-    "tcp:5006": ["drop", False],
-    "udp:5011": ["accept", True],
-    "udp:5012": ["block", True],
-    "udp:5013": ["drop", True],
-    "udp:5014": ["hold", False],
-    "udp:5015": ["block", False],
+POLICY: dict[str, tuple[str, bool]] = {
+    "tcp:5001": ("accept", True),
+    "tcp:5002": ("block", True),
+    "tcp:5003": ("drop", True),
+    "tcp:5004": ("accept", False),
+    "tcp:5005": ("block", False),
+    "tcp:5006": ("drop", False),
+    "udp:5011": ("accept", True),
+    "udp:5012": ("block", True),
+    "udp:5013": ("drop", True),
+    "udp:5014": ("hold", False),
+    "udp:5015": ("block", False),
 }
 TCP_PORTS = (5001, 5002, 5003, 5004, 5005, 5006)
 UDP_PORTS = (5011, 5012, 5013, 5014, 5015)
@@ -98,7 +98,7 @@ def harness_main(argv: list[str]) -> None:
                 seen[f"out:{port}"] = seen.get(f"out:{port}", 0) + 1
             last_key[port] = ConnKey(proto, lip, lport, rip, rport)
             keys.setdefault(port, set()).add(last_key[port])
-            verdict, permanent = POLICY.get(port, ["drop", False])
+            verdict, permanent = POLICY.get(port, ("drop", False))
             if verdict == "hold":
                 held.append(cp)
             else:
@@ -265,7 +265,7 @@ def client_main(argv: list[str]) -> None:
                         if s.recv(100):
                             out["echoed"] = int(out["echoed"]) + 1  # type: ignore[call-overload]
                     except OSError as exc:
-                        out.setdefault("errors", []).append(_err(exc))  # type: ignore[union-attr]
+                        out.setdefault("errors", []).append(_err(exc))  # type: ignore[attr-defined]
                     if action == "udp_repeat":
                         print(json.dumps({"sent": i}), flush=True)
         elif action == "tcp_stream":  # send for ``arg`` seconds, then expect the total back
@@ -348,7 +348,7 @@ def _readline(proc: subprocess.Popen[str], timeout: float = IO_TIMEOUT) -> dict:
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     if not ready:
-        raise AssertionError(f"no answer within {timeout}s from {proc.args}")
+        raise AssertionError(f"no answer within {timeout}s from {proc.args!r}")
     line = proc.stdout.readline()
     if not line:
         err = proc.stderr.read() if proc.stderr else ""
