@@ -38,10 +38,12 @@ from pmk.verdicts import ConnKey, ip_text
 T = TypeVar("T")
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+# What the errno most likely means here. nfnetlink answers EINVAL for a
+# subsystem it does not have, and pmk's own requests are well-formed.
 _HINTS = {
     errno.EPERM: "needs root or CAP_NET_ADMIN",
-    errno.EOPNOTSUPP: "is nf_conntrack_netlink available?",
-    errno.EPROTONOSUPPORT: "is nf_conntrack_netlink available?",
+    errno.EINVAL: "the kernel may lack nf_conntrack_netlink",
+    errno.EOPNOTSUPP: "the kernel may lack nf_conntrack_netlink",
 }
 
 
