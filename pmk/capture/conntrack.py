@@ -20,6 +20,7 @@ work with a fresh event loop per call, at twice the CPU per request.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import socket
@@ -60,7 +61,7 @@ def _tuple(protocol: int, src: bytes, dst: bytes, sport: int, dport: int) -> NFC
     return NFCTAttrTuple(_family(src), saddr=ip_text(src), daddr=ip_text(dst), proto=protocol, **ports)
 
 
-def describe(key: ConnKey) -> str:
+def _describe(key: ConnKey) -> str:
     """A connection as a person reads it in an error message."""
     name = _PROTOCOL_NAMES.get(key.protocol, f"protocol {key.protocol}")
     if key.protocol in PORT_PROTOCOLS:
@@ -78,21 +79,26 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _closed() -> ConntrackError:
+    return ConntrackError("conntrack: pmk is shutting down its kernel fast path")
+
+
 class ConntrackMarks:
     """Reads and changes the bits of conntrack marks under ``mark_mask``; other bits stay.
 
     ``connection_values`` are the mark values pmk's rules store on
-    connections (what ``clear_marks`` looks for). Every method but ``close``
-    may be called from any thread.
+    connections (what ``clear_marks`` looks for). Any thread may call any
+    method; after ``close`` they raise ConntrackError.
     """
 
     def __init__(self, mark_mask: int, connection_values: Iterable[int]) -> None:
         self.mark_mask = mark_mask
         self.connection_values = tuple(connection_values)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmk-conntrack")
-        # Both used on the worker thread only.
+        # Used on the worker thread only.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sockets: dict[int, AsyncConntrack] = {}
+        self._done = False
 
     # --- called from any thread ----------------------------------------------
 
@@ -115,8 +121,9 @@ class ConntrackMarks:
         return self._submit(self._create_flow(protocol, src, dst, sport, dport, value, timeout))
 
     def close(self) -> None:
-        """Wait for queued requests, then close the sockets."""
-        self._worker.submit(self._close)
+        """Wait for queued requests, then close the sockets; safe to call twice."""
+        with contextlib.suppress(RuntimeError):  # closed before
+            self._worker.submit(self._close)
         self._worker.shutdown(wait=True)
 
     def _submit(self, request: Coroutine[Any, Any, T]) -> Future[T]:
@@ -124,16 +131,20 @@ class ConntrackMarks:
             return self._worker.submit(self._run, request)
         except RuntimeError:  # closed
             request.close()
-            raise ConntrackError("conntrack: pmk is shutting down its kernel fast path") from None
+            raise _closed() from None
 
     # --- on the worker thread ------------------------------------------------
 
     def _run(self, request: Coroutine[Any, Any, T]) -> T:
+        if self._done:  # submitted while close was under way
+            request.close()
+            raise _closed()
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
         return self._loop.run_until_complete(request)
 
     def _close(self) -> None:
+        self._done = True
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
@@ -177,7 +188,7 @@ class ConntrackMarks:
 
     async def _set_mark(self, key: ConnKey, value: int) -> int:
         family = _family(key.local_ip)
-        what = f"setting the mark of {describe(key)}"
+        what = f"setting the mark of {_describe(key)}"
         local_first = _tuple(key.protocol, key.local_ip, key.remote_ip, key.local_port, key.remote_port)
         if key.protocol in PORT_PROTOCOLS:
             # The kernel finds an entry by either direction's tuple: one request.
@@ -219,5 +230,5 @@ class ConntrackMarks:
                 raise
             return True
 
-        what = f"creating an entry for {describe(ConnKey(protocol, src, sport, dst, dport))}"
+        what = f"creating an entry for {_describe(ConnKey(protocol, src, sport, dst, dport))}"
         return await self._request(what, _family(src), create)
