@@ -146,7 +146,7 @@ async def test_refused_kernel_update_is_an_internal_error_and_changes_nothing(
         script = (
             "from pyroute2.conntrack import Conntrack\n"
             "with Conntrack() as ct:\n"
-            "    for e in ct.dump_entries():\n"
+            "    for e in list(ct.dump_entries()):\n"
             f"        if e.tuple_orig.sport == {client_port}:\n"
             "            ct.entry('set', tuple_orig=e.tuple_orig, mark=0, mark_mask=0x00700000)\n"
         )
