@@ -337,12 +337,9 @@ class RuleSet:
     def script(self, v6: bool) -> str:
         return build_restore(self.queue_num, self.match, v6, self.fail_open, self.mark_mask)
 
-    def install(self) -> bool:
-        """Install both families; on failure nothing of pmk's stays behind.
-
-        Returns True when a dead pmk's chains were removed first.
-        """
-        stale = cleanup_stale()
+    def install(self) -> None:
+        """Install both families (after removing a dead pmk's); on failure nothing of pmk's stays behind."""
+        cleanup_stale()
         self.installed = True
         try:
             for family, tool in FAMILIES:
@@ -350,7 +347,6 @@ class RuleSet:
         except BaseException:
             self.remove()
             raise
-        return stale
 
     def _restore(self, family: str, tool: str) -> None:
         proc = _run([f"{tool}-restore", "-w", "--noflush"], stdin=self.script(family == "ipv6"))
