@@ -84,7 +84,7 @@ async def serve(config: ServeConfig) -> int:
         loop.add_signal_handler(signal.SIGHUP, reload_policy, server, config)
     try:
         await server.start()
-    except (EndpointError, OSError, ImportError, RulesError) as error:  # ImportError: no NFQUEUE bindings
+    except (EndpointError, OSError, ImportError, PmkError) as error:  # ImportError: no NFQUEUE bindings
         backend.close()
         raise PmkError(f"cannot start: {_why(error)}") from None
     metrics = None
@@ -109,7 +109,7 @@ async def serve(config: ServeConfig) -> int:
 def _why(error: BaseException) -> str:
     """The error's message, with the remedy when it is about privileges."""
     message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    if isinstance(error, PermissionError) or "root" in message.lower():
+    if (isinstance(error, PermissionError) or "root" in message.lower()) and "needs root" not in message:
         return f"{message} (pmk serve needs root)"
     return message
 

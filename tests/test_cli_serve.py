@@ -75,7 +75,7 @@ async def test_a_busy_endpoint_and_the_chains_of_a_live_pmk_are_one_line_and_sta
             assert_one_line(busy, 1, f"cannot start: another server is listening on {first.path}")
             other = os.path.join(first.dir, "other.sock")
             chains = serve_in(hosts, "--pipe", other, "--capture", "nfqueue", "--scope", "tcp:7302", "--queue-num", "1")
-            assert_one_line(chains, 1, "pmk chains in this namespace belong to running pid(s)")
+            assert_one_line(chains, 1, f"cannot start: another pmk (pid {first.pid}) runs the kernel fast path")
             # The failed starts left the first pmk and its rules alone.
             assert first.proc is not None and first.proc.poll() is None
             assert pmk_rules(hosts) == rules
