@@ -89,6 +89,7 @@ STATS: tuple[Stat, ...] = (
     Stat("defaulted", C, _PO, "outcomes that came from the default verdict or policy"),
     Stat("policy_hits", C, _PO, "connections settled by a policy rule", label="rule"),
     Stat("rules_restored", C, _B, "times the kernel rules were found missing and put back"),
+    Stat("rules_check_errors", C, _B, "rules watchdog checks that iptables could not answer"),
     Stat("fail_open", G, _B, "1 when the kernel passes packets pmk does not read (nfqueue)"),
     Stat("received", C, _B, "packets read from the kernel queue"),
     Stat("batches", C, _B, "reads from the kernel queue"),
