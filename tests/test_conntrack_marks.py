@@ -76,7 +76,7 @@ def hosts() -> Iterator[TwoHosts]:
 
 
 def test_marks_without_ports_gone_entries_and_others_bits(hosts: TwoHosts) -> None:
-    argv = ["env", f"PYTHONPATH={REPO}", sys.executable, "-X", "dev", "-W", "error", __file__, "run"]
+    argv = ["env", f"PYTHONPATH={REPO}", sys.executable, "-W", "error", __file__, "run"]
     proc = hosts.sh(hosts.server, *argv, check=False, timeout=60)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     out = json.loads(proc.stdout)
