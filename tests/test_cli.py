@@ -241,6 +241,7 @@ SAMPLES: dict[str, tuple[Any, str, Any]] = {
     "pipe": ("/tmp/x/pmk.sock", "/tmp/x/pmk.sock", "/tmp/x/pmk.sock"),
     "policy": ("", "", ""),  # tested with real files below
     "default-verdict": ("accept", "accept", None),  # sets the policy, tested below
+    "decide-existing": (True, "1", True),
     "capture": ("nfqueue", "nfqueue", "nfqueue"),
     "filter": ("tcp", "tcp", "tcp"),
     "scope": ("tcp:443,udp:53", "tcp:443,udp:53", "tcp:443,udp:53"),

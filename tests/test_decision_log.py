@@ -110,6 +110,16 @@ def test_flush_reports_a_flood_that_has_ended(captured: tuple[logging.Logger, Li
     assert len(handler.lines) == 2
 
 
+def test_the_final_flush_reports_what_is_held_back_at_once(captured: tuple[logging.Logger, Lines]) -> None:
+    logger, handler = captured
+    log = DecisionLog(logger, per_second=1, burst=1)
+    for moment in (0.0, 0.1, 0.2):
+        log.record(ONE, now=moment)
+    log.flush(now=0.3, final=True)  # pmk stops: no second to wait for
+    assert handler.lines[1:] == ["2 decision lines suppressed in the last 0.2 s (limit 1 lines/s)"]
+    assert log.suppressed == 0
+
+
 def test_a_long_flood_is_bounded_and_every_decision_is_logged_or_counted(
     captured: tuple[logging.Logger, Lines],
 ) -> None:

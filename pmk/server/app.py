@@ -69,13 +69,19 @@ class Server:
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def start(self, existing: Sequence[ConnKey] = ()) -> None:
-        """Listen, enter ``existing`` connections as accepted, then start capturing."""
+    async def start(self, existing: Callable[[], Iterable[ConnKey]] = tuple) -> None:
+        """Listen, enter the connections ``existing()`` lists as accepted, then start capturing.
+
+        ``existing`` is called right before the backend starts (nothing runs
+        in between), so the snapshot misses only connections opened while
+        the backend starts capturing; those are asked about like new ones.
+        """
         self._loop = asyncio.get_running_loop()
         self._listener = await endpoint.listen(self.config, self._new_session)
-        if existing:
-            self._run([ev.Preaccept(tuple(existing))])
         self.backend.cache_probe = self.service.accept_cached
+        keys = tuple(existing())
+        if keys:
+            self._run([ev.Preaccept(keys)])
         self.backend.start(self._loop, self._on_packets)
         self.bypass_watch.start(self._loop)
         log.info("pmk %s serving on %s with the %s backend", pmk.__version__, self.config.endpoint, self.backend.name)

@@ -86,13 +86,13 @@ class DecisionLog:
             self._suppressed_since = now
         self.suppressed += 1
 
-    def flush(self, now: float) -> None:
-        """Say how many lines were held back, at most once per report interval.
+    def flush(self, now: float, final: bool = False) -> None:
+        """Say how many lines were held back, at most once per report interval (``final``: now).
 
         ``record`` calls it; the shell also calls it now and then (and at
-        exit), so a flood that has ended is still reported.
+        exit, ``final``), so a flood that has ended is still reported.
         """
-        if self.suppressed and now - self._suppressed_since >= SUPPRESSED_REPORT_INTERVAL:
+        if self.suppressed and (final or now - self._suppressed_since >= SUPPRESSED_REPORT_INTERVAL):
             self.logger.info(
                 "%d decision lines suppressed in the last %.1f s (limit %g lines/s)",
                 self.suppressed,
