@@ -96,6 +96,13 @@ async def serve(config: ServeConfig) -> int:
         backend.close()
         raise
     flusher = loop.create_task(flush_every_interval(decision_log))
+    if config.decide_existing:
+        log.info("connections open at start are asked about like new ones (--decide-existing)")
+    else:
+        log.info(
+            "%d connection(s) open at start are accepted without asking (--decide-existing asks)",
+            server.stats()["preaccepted"],
+        )
     metrics = None
     if config.metrics:
         from pmk.metrics import start_metrics
@@ -128,7 +135,6 @@ def existing_at_start() -> list[ConnKey]:
             f"cannot read the socket table to keep open connections open: {_why(error)}"
             " (--decide-existing asks about them instead)"
         ) from None
-    log.info("%d connection(s) open at start are accepted without asking (--decide-existing asks)", len(keys))
     return keys
 
 
