@@ -88,7 +88,7 @@ async def serve(config: ServeConfig) -> int:
     if hasattr(signal, "SIGHUP"):  # closing the terminal must not kill pmk without its cleanup
         loop.add_signal_handler(signal.SIGHUP, reload_policy, server, config)
     try:
-        await server.start(existing=tuple if config.decide_existing else existing_at_start)
+        await server.start(existing=None if config.decide_existing else existing_at_start)
     except (EndpointError, OSError, ImportError, RulesError) as error:  # ImportError: no NFQUEUE bindings
         backend.close()
         raise PmkError(f"cannot start: {_why(error)}") from None
@@ -124,12 +124,12 @@ async def serve(config: ServeConfig) -> int:
     return 0
 
 
-def existing_at_start() -> list[ConnKey]:
+def existing_at_start(handshake_done: bool) -> list[ConnKey]:
     """The connections in the socket table now, to be accepted without asking (one-line error if unreadable)."""
     from pmk.host.sockets import existing_connections
 
     try:
-        keys = existing_connections()
+        keys = existing_connections(handshake_done)
     except OSError as error:
         raise PmkError(
             f"cannot read the socket table to keep open connections open: {_why(error)}"

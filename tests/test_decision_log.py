@@ -43,7 +43,11 @@ SSH = conn_key_from_strings(6, "198.18.0.1", 22, "198.18.0.2", 50000)
         ),
         (
             Decided(SSH, False, Verdict.ACCEPT, True, "existing", ""),
-            "inbound tcp 198.18.0.2:50000 -> 198.18.0.1:22 accept permanent by existing at start",
+            "open tcp 198.18.0.1:22 <-> 198.18.0.2:50000 accept permanent by existing at start",
+        ),
+        (
+            Decided(SSH, False, Verdict.BLOCK, True, "operator", ""),
+            "inbound tcp 198.18.0.2:50000 -> 198.18.0.1:22 block permanent by operator (update_verdict)",
         ),
     ],
 )

@@ -47,8 +47,8 @@ async def test_a_connection_open_before_pmk_starts_keeps_echoing_with_no_decider
             assert stats["captured"] == first["captured"], (first, stats)
         else:
             assert stats["captured"] > first["captured"]  # divert sees every packet
-        where = f"{client_ip}:{opened['local_port']} -> {ip}:{port}"
-        assert decision_lines(pmk.log(), f"inbound tcp {where} accept permanent by existing at start")
+        where = f"{ip}:{port} <-> {client_ip}:{opened['local_port']}"
+        assert decision_lines(pmk.log(), f"open tcp {where} accept permanent by existing at start")
         assert "1 connection(s) open at start are accepted without asking" in pmk.log()
 
 
