@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
@@ -16,6 +17,8 @@ from pmk import config_layers, logs
 from pmk.config import ServeConfig
 from pmk.core.policy import load_policy
 from pmk.errors import EXIT_USAGE, PmkError, UsageError
+from pmk.server.decision_log import SUPPRESSED_REPORT_INTERVAL, DecisionLog
+from pmk.verdicts import ConnKey
 
 if TYPE_CHECKING:
     from pmk.server.app import Server
@@ -72,6 +75,8 @@ async def serve(config: ServeConfig) -> int:
 
         clean_stale_divert()  # programs a killed pmk left attached (nfqueue cleans up in install)
     server = Server(config, backend)
+    decision_log = DecisionLog(logging.getLogger("pmk.decisions"))
+    server.on_decided = lambda decided: decision_log.record(decided, time.monotonic())
     # Before start: a signal that arrives while pmk installs its rules must not skip their removal.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -83,10 +88,18 @@ async def serve(config: ServeConfig) -> int:
     if hasattr(signal, "SIGHUP"):  # closing the terminal must not kill pmk without its cleanup
         loop.add_signal_handler(signal.SIGHUP, reload_policy, server, config)
     try:
-        await server.start()
+        await server.start(existing=None if config.decide_existing else existing_at_start)
     except (EndpointError, OSError, ImportError, PmkError) as error:  # ImportError: no NFQUEUE bindings
         backend.close()
         raise PmkError(f"cannot start: {_why(error)}") from None
+    flusher = loop.create_task(flush_every_interval(decision_log))
+    if config.decide_existing:
+        log.info("connections open at start are asked about like new ones (--decide-existing)")
+    else:
+        log.info(
+            "%d connection(s) open at start are accepted without asking (--decide-existing asks)",
+            server.stats()["preaccepted"],
+        )
     metrics = None
     if config.metrics:
         from pmk.metrics import start_metrics
@@ -103,7 +116,30 @@ async def serve(config: ServeConfig) -> int:
     if metrics is not None:
         metrics.close()
     await server.stop()
+    flusher.cancel()
+    decision_log.flush(time.monotonic(), final=True)
     return 0
+
+
+def existing_at_start(handshake_done: bool) -> list[ConnKey]:
+    """The connections in the socket table now, to be accepted without asking (one-line error if unreadable)."""
+    from pmk.host.sockets import existing_connections
+
+    try:
+        keys = existing_connections(handshake_done)
+    except OSError as error:
+        raise PmkError(
+            f"cannot read the socket table to keep open connections open: {_why(error)}"
+            " (--decide-existing asks about them instead)"
+        ) from None
+    return keys
+
+
+async def flush_every_interval(decision_log: DecisionLog) -> None:
+    """Report held-back decision lines of a flood that has ended, without waiting for the next decision."""
+    while True:
+        await asyncio.sleep(SUPPRESSED_REPORT_INTERVAL)
+        decision_log.flush(time.monotonic())
 
 
 def _why(error: BaseException) -> str:

@@ -95,6 +95,9 @@ class ServeConfig:
     policy: Policy = field(default_factory=lambda: default_only(DEFAULT_VERDICT))
     #: the file ``policy`` was read from and SIGHUP re-reads ("" when not from a file)
     policy_file: str = ""
+    #: ask about the connections open at start instead of accepting them (off: a remote
+    #: session that started pmk must survive its start, whatever the deciders do).
+    decide_existing: bool = False
     verdict_timeout: float = DEFAULT_VERDICT_TIMEOUT
     #: decide requests outstanding per decider before further asks wait (SPEC 5.3).
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
@@ -372,6 +375,13 @@ OPTIONS: tuple[Option, ...] = (
         Choice(tuple(v.value for v in Verdict if v in FILTER_VERDICTS)),
         None,
         "shorthand for a policy with only this default (not with --policy)",
+    ),
+    Option(
+        "decide-existing",
+        Switch(),
+        False,
+        "ask about connections open at start instead of accepting them",
+        "decide_existing",
     ),
     Option("capture", Choice(CAPTURES), "auto", "capture backend", "capture"),
     Option("filter", Text("FILTER"), DEFAULT_FILTER, "divert: WinDivert filter", "filter"),

@@ -434,6 +434,10 @@ class Session:
         """Send ``data`` and read the echo back (TCP: ``len(data)`` bytes; UDP: one datagram)."""
         return await self.command("ping", id=id, data=data, timeout=timeout)
 
+    async def udp_burst(self, host: str, port: int, count: int, data: str = "x") -> dict[str, Any]:
+        """``count`` datagrams, each from a new socket (a new source port, so a new connection)."""
+        return await self.command("udp_burst", host=host, port=port, count=count, data=data)
+
     async def close_socket(self, id: str) -> dict[str, Any]:
         return await self.command("close", id=id)
 

@@ -241,6 +241,7 @@ SAMPLES: dict[str, tuple[Any, str, Any]] = {
     "pipe": ("/tmp/x/pmk.sock", "/tmp/x/pmk.sock", "/tmp/x/pmk.sock"),
     "policy": ("", "", ""),  # tested with real files below
     "default-verdict": ("accept", "accept", None),  # sets the policy, tested below
+    "decide-existing": (True, "1", True),
     "capture": ("nfqueue", "nfqueue", "nfqueue"),
     "filter": ("tcp", "tcp", "tcp"),
     "scope": ("tcp:443,udp:53", "tcp:443,udp:53", "tcp:443,udp:53"),
@@ -376,3 +377,20 @@ def test_sighup_without_a_policy_file_changes_nothing(caplog: pytest.LogCaptureF
     reload_policy(holder, layered([]).config)  # type: ignore[arg-type]
     assert holder.policies == []
     assert "nothing to reload, the policy is not from a file (shipped default.toml)" in caplog.text
+
+
+def test_an_unreadable_socket_table_is_one_line_that_names_decide_existing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pmk.host.sockets
+    from pmk.cli import existing_at_start
+    from pmk.errors import PmkError
+
+    def no_sock_diag(handshake_done: bool = False) -> list[Any]:
+        raise FileNotFoundError(2, "sock_diag: No such file or directory")
+
+    monkeypatch.setattr(pmk.host.sockets, "existing_connections", no_sock_diag)
+    with pytest.raises(PmkError) as raised:
+        existing_at_start(False)
+    message = str(raised.value)
+    assert raised.value.exit_status == 1 and "\n" not in message
+    assert message.startswith("cannot read the socket table")
+    assert "No such file or directory" in message and "--decide-existing" in message

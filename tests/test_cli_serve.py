@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from pmk.server.app import Server
 from tests.harness import (
     BACKENDS,
     PYTHON,
@@ -127,11 +126,6 @@ async def test_sighup_with_a_bad_policy_keeps_the_old_one_and_pmk_running(backen
         assert bed.server.proc.poll() is None, bed.server.log()
 
 
-@pytest.mark.xfail(
-    not hasattr(Server, "replace_policy"),
-    reason="the server applies the policy once the core's policy wiring (Server.replace_policy) lands",
-    strict=True,
-)
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_sighup_with_a_changed_policy_changes_the_next_decision(backend: str, tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"

@@ -43,7 +43,11 @@ SSH = conn_key_from_strings(6, "198.18.0.1", 22, "198.18.0.2", 50000)
         ),
         (
             Decided(SSH, False, Verdict.ACCEPT, True, "existing", ""),
-            "inbound tcp 198.18.0.2:50000 -> 198.18.0.1:22 accept permanent by existing at start",
+            "open tcp 198.18.0.1:22 <-> 198.18.0.2:50000 accept permanent by existing at start",
+        ),
+        (
+            Decided(SSH, False, Verdict.BLOCK, True, "operator", ""),
+            "inbound tcp 198.18.0.2:50000 -> 198.18.0.1:22 block permanent by operator (update_verdict)",
         ),
     ],
 )
@@ -108,6 +112,16 @@ def test_flush_reports_a_flood_that_has_ended(captured: tuple[logging.Logger, Li
     assert handler.lines[1] == "2 decision lines suppressed in the last 1.4 s (limit 1 lines/s)"
     log.flush(now=5.0)  # nothing left to say
     assert len(handler.lines) == 2
+
+
+def test_the_final_flush_reports_what_is_held_back_at_once(captured: tuple[logging.Logger, Lines]) -> None:
+    logger, handler = captured
+    log = DecisionLog(logger, per_second=1, burst=1)
+    for moment in (0.0, 0.1, 0.2):
+        log.record(ONE, now=moment)
+    log.flush(now=0.3, final=True)  # pmk stops: no second to wait for
+    assert handler.lines[1:] == ["2 decision lines suppressed in the last 0.2 s (limit 1 lines/s)"]
+    assert log.suppressed == 0
 
 
 def test_a_long_flood_is_bounded_and_every_decision_is_logged_or_counted(

@@ -195,6 +195,15 @@ def test_existing_connections_lists_connections_not_listeners(scene: Scene) -> N
     assert server_keys == expected_server  # no listener, no bound UDP socket
 
 
+def test_existing_connections_past_the_handshake_leave_out_connects_in_progress_and_udp(scene: Scene) -> None:
+    hosts = scene.hosts
+    everything = set(in_netns(hosts.client, existing_connections))
+    done = set(in_netns(hosts.client, lambda: existing_connections(handshake_done=True)))
+    pending = key(TCP, hosts.client_ip, scene.client.local_port("tcp_connect_pending", UNREACHABLE), UNREACHABLE, 80)
+    assert pending in everything
+    assert done == {k for k in everything if k.protocol == TCP} - {pending}
+
+
 # ----------------------------------------------------------------------------
 # OwnerLookup
 

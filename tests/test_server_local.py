@@ -294,3 +294,36 @@ async def test_a_kernel_update_runs_off_the_loop_and_a_failure_is_an_internal_er
     finally:
         await server.stop()
         os.rmdir(directory)
+
+
+async def test_connections_open_at_start_are_listed_right_before_and_after_capture_starts() -> None:
+    calls: list[str] = []
+
+    class OrderedBackend(RecordingBackend):
+        def start(self, loop: asyncio.AbstractEventLoop, sink: PacketSink) -> None:
+            calls.append("backend.start")
+            super().start(loop, sink)
+
+    def existing(handshake_done: bool) -> list[ConnKey]:
+        calls.append(f"existing({handshake_done})")
+        # Port 2 is in both snapshots; port 3 finished its handshake while capture started.
+        ports = (2, 3) if handshake_done else (1, 2)
+        return [ConnKey(17, bytes([198, 18, 0, 2]), 53, bytes([198, 18, 0, 1]), port) for port in ports]
+
+    directory = tempfile.mkdtemp(prefix="pmk-test-")
+    path = os.path.join(directory, "pmk.sock")
+    backend = OrderedBackend()
+    server = Server(ServeConfig(endpoint=path, policy=default_only(Verdict.DROP)), backend)
+    await server.start(existing)
+    try:
+        assert calls == ["existing(False)", "backend.start", "existing(True)"]
+        assert server.stats()["preaccepted"] == 3
+        backend.push(packet(1), packet(3), packet(4))
+        await until(lambda: len(backend.applied) == 3)
+        verdicts = {raw: verdict for raw, verdict, _ in backend.applied}
+        # No decider: only the connection that was not open at start gets the policy's drop.
+        assert verdicts == {packet(1): Verdict.ACCEPT, packet(3): Verdict.ACCEPT, packet(4): Verdict.DROP}
+        assert identity_holds(server.stats())
+    finally:
+        await server.stop()
+        os.rmdir(directory)

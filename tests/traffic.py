@@ -177,6 +177,18 @@ class Session:
         self.op_send(id, data)
         return self.op_recv(id, len(data.encode("latin-1")), timeout)
 
+    def op_udp_burst(self, host: str, port: int, count: int, data: str) -> dict[str, Any]:
+        """One datagram from each of ``count`` new sockets: as many new connections (source ports)."""
+        socks = [socket.socket(_family(host), socket.SOCK_DGRAM) for _ in range(count)]
+        try:  # all open at once, so no source port is used twice
+            for sock in socks:
+                sock.sendto(data.encode("latin-1"), (host, port))
+            ports = {sock.getsockname()[1] for sock in socks}
+        finally:
+            for sock in socks:
+                sock.close()
+        return {"ok": True, "source_ports": len(ports)}
+
     def op_close(self, id: str) -> dict[str, Any]:
         self.socks.pop(id).close()
         return {"ok": True}

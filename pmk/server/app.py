@@ -69,14 +69,26 @@ class Server:
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def start(self, existing: Sequence[ConnKey] = ()) -> None:
-        """Listen, enter ``existing`` connections as accepted, then start capturing."""
+    async def start(self, existing: Callable[[bool], Iterable[ConnKey]] | None = None) -> None:
+        """Listen, enter the connections ``existing`` lists as accepted, then start capturing.
+
+        ``existing(False)`` lists every connection right before the backend
+        starts; ``existing(True)``, right after it (no packet has been handled
+        yet), only TCP connections past their handshake: those that opened
+        while the backend started. A connection whose handshake spans the
+        start, and a UDP socket connected meanwhile, are asked about.
+        """
         self._loop = asyncio.get_running_loop()
         self._listener = await endpoint.listen(self.config, self._new_session)
-        if existing:
-            self._run([ev.Preaccept(tuple(existing))])
         self.backend.cache_probe = self.service.accept_cached
+        before = set(existing(False)) if existing is not None else set()
+        if before:
+            self._run([ev.Preaccept(tuple(before))])
         self.backend.start(self._loop, self._on_packets)
+        if existing is not None:
+            meanwhile = tuple(key for key in existing(True) if key not in before)
+            if meanwhile:
+                self._run([ev.Preaccept(meanwhile)])
         self.bypass_watch.start(self._loop)
         log.info("pmk %s serving on %s with the %s backend", pmk.__version__, self.config.endpoint, self.backend.name)
 

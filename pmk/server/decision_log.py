@@ -34,6 +34,7 @@ _DECIDERS = {
     "policy": "policy rule {name}",
     "cache": "cache",
     "existing": "existing at start",
+    "operator": "operator (update_verdict)",
 }
 
 
@@ -86,13 +87,13 @@ class DecisionLog:
             self._suppressed_since = now
         self.suppressed += 1
 
-    def flush(self, now: float) -> None:
-        """Say how many lines were held back, at most once per report interval.
+    def flush(self, now: float, final: bool = False) -> None:
+        """Say how many lines were held back, at most once per report interval (``final``: now).
 
         ``record`` calls it; the shell also calls it now and then (and at
-        exit), so a flood that has ended is still reported.
+        exit, ``final``), so a flood that has ended is still reported.
         """
-        if self.suppressed and now - self._suppressed_since >= SUPPRESSED_REPORT_INTERVAL:
+        if self.suppressed and (final or now - self._suppressed_since >= SUPPRESSED_REPORT_INTERVAL):
             self.logger.info(
                 "%d decision lines suppressed in the last %.1f s (limit %g lines/s)",
                 self.suppressed,
@@ -115,17 +116,24 @@ def describe(decided: DecidedRecord) -> str:
     """The line for one decided connection, initiator first, e.g.
 
     ``inbound tcp 198.18.0.2:50000 -> 198.18.0.1:22 accept permanent by policy rule ssh-in``
+
+    A connection open at start has no known initiator (the socket table does
+    not say who connected): ``open tcp LOCAL <-> REMOTE ...``, this host first.
     """
     key = decided.key
     protocol = _PROTOCOL_NAMES.get(key.protocol, f"proto-{key.protocol}")
     ports = key.protocol in _PORT_PROTOCOLS
     local = _end(key.local_ip, key.local_port, ports)
     remote = _end(key.remote_ip, key.remote_port, ports)
-    source, destination = (local, remote) if decided.outbound else (remote, local)
-    direction = "outbound" if decided.outbound else "inbound"
+    if decided.by == "existing":
+        ends = f"open {protocol} {local} <-> {remote}"
+    elif decided.outbound:
+        ends = f"outbound {protocol} {local} -> {remote}"
+    else:
+        ends = f"inbound {protocol} {remote} -> {local}"
     permanence = "permanent" if decided.permanent else "temporary"
     who = _DECIDERS.get(decided.by, decided.by + " {name}").format(name=decided.name or "?")
-    return f"{direction} {protocol} {source} -> {destination} {decided.verdict.value} {permanence} by {who}"
+    return f"{ends} {decided.verdict.value} {permanence} by {who}"
 
 
 def _end(address: bytes, port: int, with_port: bool) -> str:
