@@ -65,6 +65,7 @@ async def serve(config: ServeConfig) -> int:
     from pmk.capture.select import build_backend
     from pmk.server.app import Server
     from pmk.server.endpoint import EndpointError
+    from pmk.server.sdnotify import Notifier
 
     try:
         backend = build_backend(config)
@@ -111,8 +112,11 @@ async def serve(config: ServeConfig) -> int:
             raise PmkError(f"cannot serve metrics on {config.metrics}: {_why(error)}") from None
     log.info("%s", config.policy.summary())
     print(f"pmk {pmk.__version__}: serving on {config.endpoint} ({backend.name} backend)", flush=True)
+    systemd = Notifier.from_environment()
+    systemd.ready(f"serving on {config.endpoint} ({backend.name} backend)", loop)
     await stop.wait()
     log.info("stopping")
+    systemd.stopping()
     if metrics is not None:
         metrics.close()
     await server.stop()
