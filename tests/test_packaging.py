@@ -20,8 +20,20 @@ import msgpack
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-#: Modules a client must never load: the server side and its dependencies.
-SERVER_ONLY = ("pmk.capture", "pmk.server", "pmk.core", "pydivert", "netfilterqueue", "uvloop", "rich", "psutil")
+#: Modules a client must never load: the server's I/O side and the server extra's packages.
+SERVER_ONLY = (
+    "pmk.capture",
+    "pmk.server",
+    "pydivert",
+    "netfilterqueue",
+    "uvloop",
+    "winloop",
+    "rich",
+    "psutil",
+    "pyroute2",
+    "dpkt",
+    "prometheus_client",
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +70,10 @@ def test_the_distribution_is_pmk_verdict_and_the_client_needs_only_msgpack(wheel
     assert any(r.startswith("netfilterqueue") for r in server), server
 
 
-def test_the_wheel_ships_type_information_and_the_license(wheel: Path) -> None:
+def test_the_wheel_ships_type_information_the_default_policy_and_the_license(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "pmk/py.typed" in names
+    assert "pmk/policies/default.toml" in names  # `pmk serve` without --policy, installed as a service
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
 
 

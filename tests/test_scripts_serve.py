@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import PmkProcess, Testbed, needs_root, netns, scope_args
+from tests.harness import PmkProcess, Testbed, eventually, needs_root, netns, scope_args
 
 REPO = Path(__file__).resolve().parent.parent
 SIGHUP_BIT = 1 << (signal.SIGHUP - 1)
@@ -76,10 +76,10 @@ async def test_the_script_execs_pmk() -> None:
 async def test_sighup_from_a_closing_terminal_does_not_stop_pmk() -> None:
     async with Testbed("nfqueue", ["tcp:7322"], start_pmk=False) as bed:
         pmk = await start_script(bed)
-        if not caught_signals(pmk.pid) & SIGHUP_BIT:
-            pytest.skip("pmk does not handle SIGHUP yet (the policy reload of issue 8 item 6)")
+        assert caught_signals(pmk.pid) & SIGHUP_BIT, "pmk leaves SIGHUP to its default action: dying"
         os.kill(pmk.pid, signal.SIGHUP)
-        await asyncio.sleep(1)
+        await eventually(lambda: "SIGHUP" in pmk.log(), "pmk to log that it handled SIGHUP")
+        await asyncio.sleep(0.5)
         assert pmk.proc is not None and pmk.proc.poll() is None, pmk.log()
         assert serving(pmk.path)
         # Leaving the testbed stops pmk with SIGTERM: status 0 and no rules left behind.
