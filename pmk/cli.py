@@ -111,9 +111,10 @@ async def serve(config: ServeConfig) -> int:
             await server.stop()
             raise PmkError(f"cannot serve metrics on {config.metrics}: {_why(error)}") from None
     log.info("%s", config.policy.summary())
-    print(f"pmk {pmk.__version__}: serving on {config.endpoint} ({backend.name} backend)", flush=True)
+    serving = f"serving on {config.endpoint} ({backend.name} backend)"
+    print(f"pmk {pmk.__version__}: {serving}", flush=True)
     systemd = Notifier.from_environment()
-    systemd.ready(f"serving on {config.endpoint} ({backend.name} backend)", loop)
+    systemd.ready(serving, loop)
     await stop.wait()
     log.info("stopping")
     systemd.stopping()
