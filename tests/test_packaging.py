@@ -80,7 +80,7 @@ def test_the_wheel_ships_type_information_the_default_policy_and_the_license(whe
 def test_client_works_in_a_venv_with_only_msgpack(wheel: Path, tmp_path: Path) -> None:
     env = tmp_path / "venv"
     venv.create(env, with_pip=True)
-    python = env / "bin" / "python"
+    python = str(env / "bin" / "python")
     site = Path(
         subprocess.run(
             [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
