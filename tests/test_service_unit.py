@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import BACKENDS, QUIET, Decision, PmkProcess, Testbed, needs_root, netns
+from tests.test_setup_tools import listed
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "packaging" / "systemd" / "pmk.service"
@@ -71,6 +72,12 @@ def test_unit_says_what_the_service_needs() -> None:
     }
     assert {key: unit.get(key) for key in expected} == expected
     assert unit["WatchdogSec"] and unit["CapabilityBoundingSet"] == unit["AmbientCapabilities"]
+
+
+def test_programs_the_unit_starts_besides_pmk_are_installed_by_setup() -> None:
+    unit = settings(UNIT.read_text())
+    others = {Path(command.split()[0]).name for key in ("ExecReload", "ExecStop") for command in unit.get(key, [])}
+    assert others and others <= set(listed()), f"add to scripts/programs: {others - set(listed())}"
 
 
 def test_unit_capabilities_are_known_to_systemd() -> None:
