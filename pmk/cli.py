@@ -16,7 +16,7 @@ import pmk
 from pmk import config_layers, logs
 from pmk.config import ServeConfig
 from pmk.core.policy import load_policy
-from pmk.errors import EXIT_USAGE, PmkError, UsageError
+from pmk.errors import EXIT_RUNTIME, EXIT_USAGE, PmkError, UsageError
 from pmk.server.decision_log import SUPPRESSED_REPORT_INTERVAL, DecisionLog
 from pmk.verdicts import ConnKey
 
@@ -175,13 +175,17 @@ def reload_policy(server: Server, config: ServeConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a PmkError ends it with one line per message line on stderr and its status."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return _run(args)
     except PmkError as error:
         for line in str(error).splitlines() or [type(error).__name__]:
             print(f"pmk: {line}", file=sys.stderr)
         return error.exit_status
+    except ModuleNotFoundError as error:
+        # A client-only install (msgpack alone) has the command but not the server's packages.
+        print(f"pmk: no module {error.name!r}: this command needs pip install 'pmk-verdict[server]'", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -111,3 +111,7 @@ def test_client_works_in_a_venv_with_only_msgpack(wheel: Path, tmp_path: Path) -
     where, loaded = out.stdout.splitlines()
     assert where.startswith(str(env)), where
     assert loaded == "[]", f"pmk.client loaded server modules: {loaded}"
+    # The pmk command is there too; without the server's packages it says what to install, in one line.
+    command = subprocess.run([str(env / "bin" / "pmk"), "stats"], capture_output=True, text=True, cwd=tmp_path)
+    assert command.returncode == 1 and "Traceback" not in command.stderr, command.stderr
+    assert command.stderr.count("\n") == 1 and "pmk-verdict[server]" in command.stderr, command.stderr
