@@ -164,6 +164,7 @@ STATS = {
     "default_timeout": 2,
     "default_error": 0,
     "default_invalid": 0,
+    "rerouted": 0,
     "preaccepted": 0,
     "policy_hits": {"default": 6},
     "backend": "divert",

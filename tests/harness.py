@@ -85,8 +85,9 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
 
 
 def check_identity(stats: dict[str, Any]) -> None:
-    """Every captured packet is accepted, blocked, dropped, evicted or still pending."""
-    settled = stats["accepted"] + stats["blocked"] + stats["dropped"] + stats["evicted"] + stats["pending"]
+    """Every captured packet is accepted, blocked, dropped, rerouted, evicted or still pending."""
+    outcomes = ("accepted", "blocked", "dropped", "rerouted", "evicted", "pending")
+    settled = sum(stats[name] for name in outcomes)
     assert stats["captured"] == settled, f"stats identity broken: {stats}"
 
 
@@ -264,6 +265,8 @@ class ScriptedDecider:
         self.policy = policy
         self.infos: list[dict[str, Any]] = []
         self.withdrawn: list[int] = []
+        #: messages of the protocol_error notifications received
+        self.protocol_errors: list[str] = []
         self.held: dict[int, asyncio.Future[Decision]] = {}
         self.client: Client | None = None
 
@@ -292,6 +295,8 @@ class ScriptedDecider:
     def _on_notification(self, notification: Any) -> None:
         if notification.method == "withdrawn":
             self.withdrawn.append(notification.params[0])
+        elif notification.method == "protocol_error":
+            self.protocol_errors.append(notification.params[0]["message"])
 
     def release(self, decision: Decision, ids: Sequence[int] | None = None) -> list[int]:
         """Answer held requests (all, or ``ids``) with ``decision``; return the ids answered."""
@@ -420,6 +425,10 @@ class Session:
 
     async def tcp_connect(self, host: str, port: int, id: str = "tcp", timeout: float = WAIT) -> dict[str, Any]:
         return await self.command("tcp_connect", id=id, host=host, port=port, timeout=timeout)
+
+    async def udp_query(self, host: str, port: int, data: str, timeout: float = WAIT) -> dict[str, Any]:
+        """Send one datagram from a fresh unconnected socket; the answer and its source (``from``)."""
+        return await self.command("udp_query", host=host, port=port, data=data, timeout=timeout)
 
     async def udp_open(self, host: str, port: int, id: str = "udp") -> dict[str, Any]:
         return await self.command("udp_open", id=id, host=host, port=port)

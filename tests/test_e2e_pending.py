@@ -1,7 +1,7 @@
 """Issue 2 end to end: held packets: eviction, default verdicts, lost deciders, payloads.
 
 Every test ends (in the testbed's exit) with the stats identity
-``captured == accepted + blocked + dropped + evicted + pending``.
+``captured == accepted + blocked + dropped + rerouted + evicted + pending``.
 """
 
 from __future__ import annotations

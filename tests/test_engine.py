@@ -29,7 +29,7 @@ def make(packet_cache_size: int = 1024, verdict_cache_size: int = 65536) -> Engi
 
 def assert_identity(engine: Engine) -> None:
     c = engine.counters
-    assert c.captured == c.accepted + c.blocked + c.dropped + c.evicted + engine.pending
+    assert c.captured == c.accepted + c.blocked + c.dropped + c.rerouted + c.evicted + engine.pending
 
 
 def test_first_packet_is_held_and_asked_about() -> None:
@@ -57,11 +57,11 @@ def test_permanent_verdict_settles_the_queue_and_later_packets_hit_the_cache() -
     engine.outbox.take()
     assert engine.on_verdict(1, Verdict.ACCEPT, permanent=True)
     work = engine.outbox.take()
-    assert work.applies == [([first, second], Verdict.ACCEPT, True)]
+    assert work.applies == [([first, second], Verdict.ACCEPT, True, None)]
     later = conn(1000)
     engine.on_packets([later])
     work = engine.outbox.take()
-    assert work.asks == [] and work.applies == [([later], Verdict.ACCEPT, False)]
+    assert work.asks == [] and work.applies == [([later], Verdict.ACCEPT, False, None)]
     assert engine.counters.cache_hits == 1 and engine.counters.accepted == 3
     assert_identity(engine)
 
@@ -74,7 +74,7 @@ def test_reply_direction_shares_the_cached_verdict() -> None:
     engine.outbox.take()
     reply = CapturedPacket(tcp(B, A, 80, 40000), outbound=True)
     engine.on_packets([reply])
-    assert engine.outbox.take().applies == [([reply], Verdict.BLOCK, False)]
+    assert engine.outbox.take().applies == [([reply], Verdict.BLOCK, False, None)]
 
 
 def test_temporary_verdict_answers_one_packet_and_asks_about_the_next() -> None:
@@ -84,7 +84,7 @@ def test_temporary_verdict_answers_one_packet_and_asks_about_the_next() -> None:
     engine.outbox.take()
     engine.on_verdict(1, Verdict.DROP, permanent=False)
     work = engine.outbox.take()
-    assert work.applies == [([first], Verdict.DROP, False)]
+    assert work.applies == [([first], Verdict.DROP, False, None)]
     assert [h.id for h in work.asks] == [2]
     assert len(engine.verdicts) == 0
     assert_identity(engine)
@@ -98,7 +98,7 @@ def test_full_packet_cache_evicts_the_oldest_and_withdraws_its_request() -> None
     newcomer = conn(2000)
     engine.on_packets([newcomer])
     work = engine.outbox.take()
-    assert work.applies == [([packets[0]], Verdict.DROP, False)]
+    assert work.applies == [([packets[0]], Verdict.DROP, False, None)]
     assert [h.id for h in work.withdrawn] == [1]
     assert [h.id for h in work.asks] == [5]
     assert engine.counters.evicted == 1 and engine.counters.dropped == 0
@@ -132,7 +132,7 @@ def test_a_permanent_policy_verdict_is_cached_and_settles_the_connection() -> No
     engine.on_packets([conn(1000), conn(1000)])
     engine.outbox.take()
     assert engine.on_verdict(1, Verdict.DROP, True, defaulted=True)
-    assert engine.outbox.take().applies[0][1:] == (Verdict.DROP, True)
+    assert engine.outbox.take().applies[0][1:] == (Verdict.DROP, True, None)
     assert engine.counters.defaulted == 2 and len(engine.verdicts) == 1
     assert_identity(engine)
 
@@ -156,7 +156,7 @@ def test_update_verdict_settles_waiting_packets_and_withdraws_the_request() -> N
     key = engine.held.get(1).key  # type: ignore[union-attr]
     engine.update_verdict(key, Verdict.BLOCK)
     work = engine.outbox.take()
-    assert work.applies == [([packet], Verdict.BLOCK, True)]
+    assert work.applies == [([packet], Verdict.BLOCK, True, None)]
     assert [h.id for h in work.withdrawn] == [1]
     assert engine.verdicts.get(key).verdict is Verdict.BLOCK  # type: ignore[union-attr]
 
@@ -207,14 +207,14 @@ def test_the_accounting_identity_holds_after_any_sequence(steps: list[tuple], ca
         else:
             engine.clear_cache()
         work = engine.outbox.take()
-        outcomes += sum(len(packets) for packets, _, _ in work.applies)
+        outcomes += sum(len(packets) for packets, _, _, _ in work.applies)
         assert_identity(engine)
         # At most one request outstanding per waiting connection.
         asked = [w.asked for w in engine.held.connections.values()]
         assert all(a is not None for a in asked)
     # Every settled packet was handed to the backend exactly once.
     c = engine.counters
-    assert outcomes == c.accepted + c.blocked + c.dropped + c.evicted
+    assert outcomes == c.accepted + c.blocked + c.dropped + c.rerouted + c.evicted
 
 
 @pytest.mark.parametrize("size", [0, -1])

@@ -212,7 +212,7 @@ def test_stats_vector_names_every_counter_the_server_reports() -> None:
     (example,) = [v for v in VECTORS["valid"] if v["name"] == "get_stats_result"]
     documented = from_json(example["message"]["result"])
     assert set(_service().stats(now=1.0)) == set(documented)
-    settled = sum(documented[k] for k in ("accepted", "blocked", "dropped", "evicted", "pending"))
+    settled = sum(documented[k] for k in ("accepted", "blocked", "dropped", "rerouted", "evicted", "pending"))
     assert documented["captured"] == settled
     assert not math.isnan(documented["uptime"])
 

@@ -40,7 +40,9 @@ class RecordingBackend(CaptureBackend):
         assert self.sink is not None
         self.sink([CapturedPacket(raw, outbound=False) for raw in packets])
 
-    def apply(self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool) -> None:
+    def apply(
+        self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool, target: object = None
+    ) -> None:
         self.applied.extend((p.raw, verdict, permanent) for p in packets)
 
     def close(self) -> None:
@@ -76,7 +78,7 @@ async def until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-unt
 
 
 def identity_holds(stats: dict) -> bool:  # type: ignore[type-arg]
-    settled = stats["accepted"] + stats["blocked"] + stats["dropped"] + stats["evicted"]
+    settled = stats["accepted"] + stats["blocked"] + stats["dropped"] + stats["rerouted"] + stats["evicted"]
     return stats["captured"] == settled + stats["pending"]
 
 

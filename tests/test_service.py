@@ -81,7 +81,7 @@ def answer(svc: Service, decide: cmd.SendDecide, verdict: str, permanent: bool =
 
 def assert_identity(svc: Service) -> None:
     s = svc.stats(now=0.0)
-    assert s["captured"] == s["accepted"] + s["blocked"] + s["dropped"] + s["evicted"] + s["pending"]
+    assert s["captured"] == s["accepted"] + s["blocked"] + s["dropped"] + s["rerouted"] + s["evicted"] + s["pending"]
 
 
 def test_without_a_decider_the_policy_settles_at_once() -> None:

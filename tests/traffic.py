@@ -143,7 +143,16 @@ class Session:
             sock.close()
             raise
         self.socks[id] = sock
-        return {"ok": True, "local_port": sock.getsockname()[1]}
+        peer = sock.getpeername()
+        return {"ok": True, "local_port": sock.getsockname()[1], "peer": [_plain(peer[0]), peer[1]]}
+
+    def op_udp_query(self, host: str, port: int, data: str, timeout: float) -> dict[str, Any]:
+        """One datagram from an unconnected socket and the answer, with where the answer came from."""
+        with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
+            sock.settimeout(timeout)
+            sock.sendto(data.encode("latin-1"), (host, port))
+            answer, source = sock.recvfrom(65535)
+            return {"data": answer.decode("latin-1"), "from": [_plain(source[0]), source[1]]}
 
     def op_udp_open(self, id: str, host: str, port: int) -> dict[str, Any]:
         sock = socket.socket(_family(host), socket.SOCK_DGRAM)

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Sequence
 
 from pmk.packet.captured import CacheProbe, CacheRun, CapturedPacket, KeyTuple, PacketSink
-from pmk.verdicts import ConnKey, Verdict
+from pmk.verdicts import ConnKey, Target, Verdict
 
 __all__ = [
     "CacheProbe",
@@ -41,19 +41,29 @@ class CaptureBackend(abc.ABC):
     #: use it to settle whole batches of cached connections without building
     #: per-packet objects. Backends that do not need it ignore it.
     cache_probe: CacheProbe | None = None
+    #: True when ``apply`` can carry out reroutes (SPEC 5.2).
+    can_reroute: bool = False
 
     @abc.abstractmethod
     def start(self, loop: asyncio.AbstractEventLoop, sink: PacketSink) -> None:
         """Begin delivering batches to ``sink`` on ``loop``."""
 
     @abc.abstractmethod
-    def apply(self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool) -> None:
+    def apply(
+        self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool, target: Target | None = None
+    ) -> None:
         """Carry out ``verdict`` for packets that all got it.
 
         accept re-injects, block rejects actively (TCP RST or ICMP
-        unreachable), drop discards. ``permanent`` lets a backend with a kernel
-        verdict cache remember the verdict for the packets' connections.
+        unreachable), drop discards, a reroute sends the packets' connection
+        to ``target`` (replies back as from the original peer). ``permanent``
+        lets a backend with a kernel verdict cache remember the verdict for
+        the packets' connections.
         """
+
+    def reroutable(self, packet: CapturedPacket) -> bool:
+        """Whether a reroute can still take effect for ``packet``'s connection (it starts it)."""
+        return False
 
     def update_connection(self, key: ConnKey, verdict: Verdict | None) -> None:  # noqa: B027
         """Change (or with None, forget) a kernel-side verdict of a live connection.

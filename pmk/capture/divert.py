@@ -11,6 +11,13 @@ from the receive buffer without any per-packet object, and the next receive
 takes a full 255; after a batch with anything else the next one is ``batch``
 (small, so that decider answers are read in between under a flood).
 
+Reroutes are rewritten here, both ways (``divert_reroute``): the
+application's packets go to the target, and the target's replies, captured
+on loopback (the configured targets' in the main filter, each explicit
+redirect target's by a handle of its own), are made to come from the
+original peer *before* the service sees them, so that they find their
+connection's cached verdict like any inbound packet.
+
 The Windows path uses only pydivert's public API in a reader thread; it is
 written to WinDivert's documented behaviour and is untested (no Windows here).
 """
@@ -25,15 +32,17 @@ import logging
 import operator
 import struct
 import sys
+import time
 from collections.abc import Sequence
 
 import pydivert
 
 from pmk.capture.base import CacheRun, CaptureBackend, CapturedPacket, PacketSink
+from pmk.capture.divert_reroute import Rerouter, reply_filter
 from pmk.config import DEFAULT_DIVERT_BATCH, DEFAULT_DIVERT_BATCHES_PER_WAKEUP, DEFAULT_RING_BYTES
 from pmk.packet.parse import parse_flow, simple_ipv4_runs
 from pmk.packet.reject import reject_packet
-from pmk.verdicts import Verdict
+from pmk.verdicts import REROUTE_VERDICTS, RerouteTargets, Target, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,9 @@ log = logging.getLogger(__name__)
 ADDRESS_BYTES = 80
 _FLAGS_BYTE = 10
 _OUTBOUND_BIT = 0x02
+_LOOPBACK_BIT = 0x04
+# How often the redirect table drops connections that ended.
+_EXPIRE_EVERY = 5.0
 # WinDivert's batch limit; eBPFDivert accepts the same.
 MAX_BATCH = 255
 # Batches that were all cache hits need no decider: drain up to this many per wake-up.
@@ -114,6 +126,7 @@ class DivertBackend(CaptureBackend):
 
     name = "divert"
     kernel_verdict_cache = False
+    can_reroute = True
 
     def __init__(
         self,
@@ -124,7 +137,11 @@ class DivertBackend(CaptureBackend):
         queue_len: int | None = None,
         batches_per_wakeup: int = DEFAULT_DIVERT_BATCHES_PER_WAKEUP,
         interfaces: list[str] | None = None,
+        targets: RerouteTargets | None = None,
     ) -> None:
+        pinned = (*targets.nameservers, *targets.tunnels) if targets is not None else ()
+        if pinned:
+            filter = f"({filter}) or {reply_filter(pinned)}"
         self.filter = filter
         self.batch = max(1, min(batch, MAX_BATCH))
         self.batches_per_wakeup = max(1, batches_per_wakeup)
@@ -134,7 +151,13 @@ class DivertBackend(CaptureBackend):
                 options["ring_bytes"] = ring_bytes
             if interfaces:
                 options["interfaces"] = interfaces
+        self._options = options
         self._divert = pydivert.Divert(filter, **options)
+        self._rerouter: Rerouter | None = None
+        #: Targets whose loopback replies some handle captures (the configured ones by the main filter).
+        self._reply_targets: set[Target] = set(pinned)
+        self._reply_handles: list[tuple[pydivert.Divert, _LinuxBatchIO | _ThreadReader]] = []
+        self._expire_at = 0.0
         self._queue_len = queue_len
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: PacketSink | None = None
@@ -177,7 +200,7 @@ class DivertBackend(CaptureBackend):
                 linux.batch = MAX_BATCH
             else:
                 self.other_batches += 1
-                sink(linux.packets())
+                sink(self._unreroute(linux.packets()))
                 # New connections: small batches let decider answers in between.
                 linux.batch = self.batch
                 others += 1
@@ -186,8 +209,22 @@ class DivertBackend(CaptureBackend):
             if count < want:
                 return
 
-    def apply(self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool) -> None:
-        if verdict is Verdict.ACCEPT:
+    def reroutable(self, packet: CapturedPacket) -> bool:
+        """UDP, or a TCP SYN: a connection pmk saw start (anything later is mid-stream)."""
+        flow = packet.flow or parse_flow(packet.raw)
+        if flow is None or flow.protocol not in (6, 17):
+            return False
+        if flow.protocol == 17:
+            return True
+        at = flow.transport_offset + 13
+        return 0 <= at < len(packet.raw) and packet.raw[at] & 0x12 == 0x02
+
+    def apply(
+        self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool, target: Target | None = None
+    ) -> None:
+        if verdict in REROUTE_VERDICTS and target is not None:
+            self._reroute(packets, target)
+        elif verdict is Verdict.ACCEPT:
             linux = self._linux
             if linux is not None and linux.is_current(packets):
                 # The whole batch just received: inject the receive buffer as it is.
@@ -206,6 +243,92 @@ class DivertBackend(CaptureBackend):
             self._send(replies)
         # DROP: the packet is simply never re-injected.
 
+    def _reroute(self, packets: Sequence[CapturedPacket], target: Target) -> None:
+        """The application's packets rewritten to ``target``; replies (rewritten on capture) as they are."""
+        rerouter = self._rerouter
+        if rerouter is None:
+            rerouter = self._rerouter = Rerouter()
+        now = time.monotonic()
+        if now >= self._expire_at:
+            rerouter.table.expire(now)
+            self._expire_at = now + _EXPIRE_EVERY
+        if target not in self._reply_targets and rerouter.is_local(target.ip):
+            self._capture_replies(target)
+        frames = []
+        for packet in packets:
+            raw, record = packet.raw, packet.token
+            if packet.outbound and not record[_FLAGS_BYTE] & _LOOPBACK_BIT:
+                flow = packet.flow or parse_flow(raw)
+                if flow is not None:
+                    raw, record = rerouter.outbound(raw, record, flow.key(True), target, now)
+            frames.append((raw, record))
+        self._send(frames)
+
+    def _unreroute(self, packets: list[CapturedPacket], only_replies: bool = False) -> list[CapturedPacket]:
+        """Replies of rerouted connections made to come from the original peer, as inbound packets.
+
+        ``only_replies``: re-inject anything else untouched (a reply handle's
+        catch that is no rerouted connection's is none of pmk's business).
+        """
+        rerouter = self._rerouter
+        if rerouter is None or not len(rerouter.table):
+            if only_replies:
+                self._send([(p.raw, p.token) for p in packets])
+                return []
+            return packets
+        now = time.monotonic()
+        out: list[CapturedPacket] = []
+        others: list[tuple[bytes, bytes]] = []
+        for packet in packets:
+            record = packet.token
+            reply = None
+            if not packet.outbound or record[_FLAGS_BYTE] & _LOOPBACK_BIT:
+                reply = rerouter.inbound(packet.raw, record, now)
+            if reply is not None:
+                out.append(CapturedPacket(reply[0], False, packet.if_index, packet.sub_if_index, record))
+            elif only_replies:
+                others.append((packet.raw, record))
+            else:
+                out.append(packet)
+        self._send(others)
+        return out
+
+    def _capture_replies(self, target: Target) -> None:
+        """Open a handle for a new local target's replies over loopback."""
+        self._reply_targets.add(target)
+        if self._loop is None:
+            return
+        divert = pydivert.Divert(reply_filter([target]), **self._options)
+        try:
+            divert.open()
+            reader: _LinuxBatchIO | _ThreadReader
+            if sys.platform.startswith("linux"):
+                io = reader = _LinuxBatchIO(divert, self.batch)
+                self._loop.add_reader(io.event_fd, self._drain_replies, io)
+            else:
+                reader = _ThreadReader(divert, self._loop, self._on_replies, self.batch)
+                reader.start()
+        except (OSError, RuntimeError) as error:
+            log.warning("cannot capture the replies of redirect target %s: %s", target, error)
+            with contextlib.suppress(OSError, RuntimeError):
+                divert.close()
+            return
+        self._reply_handles.append((divert, reader))
+
+    def _drain_replies(self, io: _LinuxBatchIO) -> None:
+        for _ in range(CACHED_BATCHES_PER_WAKEUP):
+            count = io.receive_batch()
+            if not count:
+                return
+            self._on_replies(io.packets())
+            if count < io.batch:
+                return
+
+    def _on_replies(self, packets: list[CapturedPacket]) -> None:
+        replies = self._unreroute(packets, only_replies=True)
+        if replies and self._sink is not None:
+            self._sink(replies)
+
     def _send(self, frames: list[tuple[bytes, bytes]]) -> None:
         if not frames:
             return
@@ -223,6 +346,7 @@ class DivertBackend(CaptureBackend):
     def stats(self) -> dict[str, int]:
         stats: dict[str, int] = {
             "send_errors": self.send_errors,
+            "redirects": len(self._rerouter.table) if self._rerouter is not None else 0,
             "rejects_sent": self.rejects_sent,
             "cached_batches": self.cached_batches,
             "other_batches": self.other_batches,
@@ -243,6 +367,15 @@ class DivertBackend(CaptureBackend):
                 self._loop.remove_reader(self._linux.event_fd)
         if self._reader is not None:
             self._reader.stop()
+        for divert, reader in self._reply_handles:
+            if isinstance(reader, _ThreadReader):
+                reader.stop()
+            elif self._loop is not None:
+                with contextlib.suppress(ValueError, RuntimeError, OSError):
+                    self._loop.remove_reader(reader.event_fd)
+            with contextlib.suppress(OSError, RuntimeError):
+                divert.close()
+        self._reply_handles = []
         if self._divert.is_open:
             self._divert.close()
 

@@ -7,6 +7,10 @@ then on every packet of that connection, both directions, is accepted,
 rejected or dropped by the kernel. Temporary verdicts decide the packet in
 hand only. The binding is ``netfilterqueue`` (the PyPI package); its socket is
 read from the event loop, a bounded batch per readable event.
+
+Reroutes are kernel NAT (``nat_rules``): the first packet of each new
+outbound TCP or UDP connection is queued before the ``nat`` table, and a
+reroute answer for it is a permanent accept plus the target's slot bits.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import warnings
@@ -29,10 +34,11 @@ from typing import Any
 from pmk.capture import netfilter_rules as rules
 from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError, PacketSink
 from pmk.capture.conntrack import ConntrackError, ConntrackMarks
+from pmk.capture.nat_rules import DEFAULT_TARGET_MASK, NatRuleSet, is_first_packet
 from pmk.config import DEFAULT_QUEUE_MAXLEN
 from pmk.errors import PmkError, UsageError
 from pmk.packet.parse import TCP, UDP, parse_flow
-from pmk.verdicts import ConnKey, Verdict
+from pmk.verdicts import REROUTE_VERDICTS, ConnKey, RerouteTargets, Target, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,8 @@ _COUNTERS = (
     "accepted",
     "blocked",
     "dropped",
+    "rerouted",
+    "nat_errors",
     "verdict_errors",
     "flows_created",
     "flow_errors",
@@ -187,6 +195,7 @@ class NfqueueBackend(CaptureBackend):
 
     name = "nfqueue"
     kernel_verdict_cache = True
+    can_reroute = True
 
     def __init__(
         self,
@@ -195,6 +204,7 @@ class NfqueueBackend(CaptureBackend):
         fail_open: bool = False,
         queue_maxlen: int = DEFAULT_QUEUE_MAXLEN,
         mark_mask: int = rules.DEFAULT_MARK_MASK,
+        targets: RerouteTargets | None = None,
     ) -> None:
         if not 0 <= queue_num <= 65535:
             raise UsageError(f"queue number {queue_num} is outside 0-65535")
@@ -205,6 +215,9 @@ class NfqueueBackend(CaptureBackend):
         self.queue_maxlen = queue_maxlen
         self.mark_mask = mark_mask
         self._rules = rules.RuleSet(queue_num, match, fail_open, mark_mask)
+        # Always installed: redirect needs no configured target.
+        pinned = (*targets.nameservers, *targets.tunnels) if targets is not None else ()
+        self._nat = NatRuleSet(queue_num, match, pinned, fail_open, mark_mask)
         self._marks = {code: rules.mark_value(code, mark_mask) for code in rules.MarkCode}
         # The codes the rules copy to the connection mark (see netfilter_rules).
         stored = (rules.MarkCode.ACCEPT, rules.MarkCode.BLOCK, rules.MarkCode.DROP)
@@ -222,6 +235,9 @@ class NfqueueBackend(CaptureBackend):
         self._closed = False
         self._installed = False
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        #: First packets waiting for their reroute target's NAT rule, and whether one is being installed.
+        self._waiting: dict[Target, list[Any]] = {}
+        self._installing = False
 
     # --- lifecycle -------------------------------------------------------
 
@@ -240,6 +256,7 @@ class NfqueueBackend(CaptureBackend):
             self._rules_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmk-rules")
             self._rules.install()
             self._installed = True
+            self._nat.install()
             # Marks a dead pmk left would act under the new rules; nobody else owns them now.
             self._conntrack.clear_marks()
             assert self._sock is not None
@@ -286,7 +303,10 @@ class NfqueueBackend(CaptureBackend):
                 self._loop.remove_reader(self._sock.fileno())
         try:
             with self._rules_lock:  # waits for a running check; none repairs after this
-                self._rules.remove()
+                try:
+                    self._nat.remove()
+                finally:
+                    self._rules.remove()
         finally:
             if self._rules_worker is not None:
                 self._rules_worker.shutdown(wait=True)
@@ -356,12 +376,20 @@ class NfqueueBackend(CaptureBackend):
 
     # --- verdicts --------------------------------------------------------
 
-    def apply(self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool) -> None:
+    def reroutable(self, packet: CapturedPacket) -> bool:
+        return is_first_packet(packet.token.mark, self.mark_mask)
+
+    def apply(
+        self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool, target: Target | None = None
+    ) -> None:
         """Mark and repeat (permanent, or any block/accept); plain drop for a temporary drop.
 
         Accept also goes through NF_REPEAT so the host's own INPUT/OUTPUT rules
         after pmk's jump still judge the packet.
         """
+        if verdict in REROUTE_VERDICTS:
+            self._reroute(packets, target)
+            return
         code: rules.MarkCode | None
         if verdict is Verdict.ACCEPT:
             code, counter = (rules.MarkCode.ACCEPT if permanent else rules.MarkCode.ACCEPT_ONCE), "accepted"
@@ -384,6 +412,80 @@ class NfqueueBackend(CaptureBackend):
             self._counts[counter] += 1
             if permanent and verdict is not Verdict.ACCEPT:
                 self._remember_dropped_flow(cp, code)
+
+    def _reroute(self, packets: Sequence[CapturedPacket], target: Target | None) -> None:
+        """A permanent accept plus, on a connection's first packet, the target's slot: nat OUTPUT DNATs it.
+
+        A later packet (only a cache hit can be one) belongs to a connection
+        whose NAT binding is made already: accepting it is all there is to do.
+        A target without a slot yet is installed in one by the worker thread
+        (one iptables-restore) while its first packets wait in the kernel;
+        the slot table is touched by one thread at a time, so while any
+        install runs every first packet that needs a slot waits.
+        """
+        accept = self._marks[rules.MarkCode.ACCEPT]
+        for cp in packets:
+            pkt = cp.token
+            if target is None or not is_first_packet(pkt.mark, self.mark_mask):
+                self._mark_rerouted(pkt, accept)
+            elif self._installing or target in self._waiting:
+                self._waiting.setdefault(target, []).append(pkt)
+            else:
+                bits = self._nat.mark_for(target)
+                if bits is None:
+                    self._waiting[target] = [pkt]
+                else:
+                    self._mark_rerouted(pkt, accept | bits)
+        self._next_install()
+
+    def _next_install(self) -> None:
+        """Start installing the next waiting target (on the event loop)."""
+        while not self._installing and self._waiting:
+            target = next(iter(self._waiting))
+            bits = self._nat.mark_for(target)
+            if bits is not None:
+                self._target_ready(target, bits)
+                continue
+            if self._rules_worker is None or self._loop is None:
+                self._target_ready(target, None)
+                continue
+            self._installing = True
+            self._rules_worker.submit(self._install_target, self._loop, target)
+
+    def _install_target(self, loop: asyncio.AbstractEventLoop, target: Target) -> None:
+        """Worker thread: put ``target`` in a slot, then hand the result back to the loop."""
+        bits: int | None
+        try:
+            bits = self._nat.add_target(target)
+        except (rules.RulesError, ValueError, OSError, subprocess.SubprocessError):
+            bits = None
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._target_installed, target, bits)
+
+    def _target_installed(self, target: Target, bits: int | None) -> None:
+        self._installing = False
+        self._target_ready(target, bits)
+        self._next_install()
+
+    def _target_ready(self, target: Target, bits: int | None) -> None:
+        """Let the first packets waiting for ``target`` go; blocked if it has no slot (never unrewritten)."""
+        waiting = self._waiting.pop(target, [])
+        if bits is None:
+            self._counts["nat_errors"] += len(waiting)
+            mark = self._marks[rules.MarkCode.BLOCK]
+        else:
+            mark = self._marks[rules.MarkCode.ACCEPT] | bits
+        for pkt in waiting:
+            self._mark_rerouted(pkt, mark)
+
+    def _mark_rerouted(self, pkt: Any, mark: int) -> None:
+        try:
+            pkt.set_mark((pkt.mark & ~(self.mark_mask | DEFAULT_TARGET_MASK) & 0xFFFFFFFF) | mark)
+            pkt.repeat()
+        except (RuntimeError, OSError):
+            self._counts["verdict_errors"] += 1  # verdict given twice, or queue gone
+            return
+        self._counts["rerouted"] += 1
 
     def _remember_dropped_flow(self, packet: CapturedPacket, code: int | None) -> None:
         """Re-create the conntrack entry a dropped first packet took along.

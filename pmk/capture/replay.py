@@ -33,7 +33,7 @@ import dpkt
 from pmk.capture.base import CaptureBackend, CapturedPacket, PacketSink
 from pmk.errors import PmkError, UsageError
 from pmk.packet.parse import TCP, Flow, parse_flow
-from pmk.verdicts import Verdict
+from pmk.verdicts import Target, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,9 @@ class ReplayBackend(CaptureBackend):
             batch.append(CapturedPacket(raw, outbound, token=token))
         return batch
 
-    def apply(self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool) -> None:
+    def apply(
+        self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool, target: Target | None = None
+    ) -> None:
         self.verdicts[verdict.value] = self.verdicts.get(verdict.value, 0) + len(packets)
         self.outstanding -= len(packets)
         accepted = verdict is Verdict.ACCEPT

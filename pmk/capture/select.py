@@ -7,6 +7,7 @@ import sys
 
 from pmk.capture.base import CaptureBackend
 from pmk.config import ServeConfig
+from pmk.verdicts import RerouteTargets
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def build_backend(config: ServeConfig) -> CaptureBackend:
             match=config.scope or None,
             fail_open=config.fail_open,
             queue_maxlen=config.queue_maxlen,
+            targets=RerouteTargets(config.nameservers, config.tunnels),
         )
     if name == "divert":
         from pmk.capture.divert import DivertBackend
@@ -54,5 +56,6 @@ def build_backend(config: ServeConfig) -> CaptureBackend:
             ring_bytes=config.divert_ring_bytes,
             queue_len=config.divert_queue_len or None,
             batches_per_wakeup=config.divert_batches_per_wakeup,
+            targets=RerouteTargets(config.nameservers, config.tunnels),
         )
     raise ValueError(f"unknown capture backend {name!r}")

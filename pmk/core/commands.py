@@ -12,16 +12,17 @@ from typing import Any
 
 from pmk.packet.captured import CapturedPacket
 from pmk.rpc.messages import ErrorCode
-from pmk.verdicts import ConnKey, Verdict
+from pmk.verdicts import ConnKey, Target, Verdict
 
 
 @dataclass(frozen=True, slots=True)
 class Apply:
-    """Carry out ``verdict`` for ``packets`` through the backend."""
+    """Carry out ``verdict`` for ``packets`` through the backend (``target``: where a reroute goes)."""
 
     packets: list[CapturedPacket]
     verdict: Verdict
     permanent: bool
+    target: Target | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,8 @@ class Decided:
     by: str
     #: the decider's hello name or the policy rule; "" otherwise
     name: str
+    #: where a reroute sends the connection
+    to: Target | None = None
 
 
 Command = (

@@ -23,10 +23,10 @@ from pmk.core.stats import Counters
 from pmk.core.verdict_cache import VerdictCache
 from pmk.packet.captured import CacheRun, CapturedPacket, KeyTuple
 from pmk.packet.parse import parse_flow, simple_ipv4_key
-from pmk.verdicts import ConnKey, Verdict
+from pmk.verdicts import REROUTE_VERDICTS, ConnKey, Target, Verdict
 
-#: One group of packets that got one verdict: (packets, verdict, permanent).
-Apply = tuple[list[CapturedPacket], Verdict, bool]
+#: One group of packets that got one verdict: (packets, verdict, permanent, a reroute's target).
+Apply = tuple[list[CapturedPacket], Verdict, bool, Target | None]
 
 
 class Outbox:
@@ -86,7 +86,8 @@ class Engine:
         lookup = self.verdicts.get
         accept = Verdict.ACCEPT
         accepted: list[CapturedPacket] = []
-        others: dict[Verdict, list[CapturedPacket]] = {}
+        # Keyed by verdict and target: rerouted connections differ by where they go.
+        others: dict[tuple[Verdict, Target | None], list[CapturedPacket]] = {}
         last_key: KeyTuple | None = None
         entry = None
         hits = hit_bytes = captured = 0
@@ -109,7 +110,7 @@ class Engine:
                     if entry.verdict is accept:
                         accepted.append(packet)
                     else:
-                        others.setdefault(entry.verdict, []).append(packet)
+                        others.setdefault((entry.verdict, entry.target), []).append(packet)
                     continue
             flow = parse_flow(raw)
             if flow is None:
@@ -126,7 +127,7 @@ class Engine:
                 if hit.verdict is accept:
                     accepted.append(packet)
                 else:
-                    others.setdefault(hit.verdict, []).append(packet)
+                    others.setdefault((hit.verdict, hit.target), []).append(packet)
                 continue
             counters.cache_misses += 1
             packet.flow = flow  # a block builds its reset from it
@@ -147,12 +148,12 @@ class Engine:
         permanent = self.hits_permanent
         if accepted:
             counters.accepted += len(accepted)
-            self.outbox.applies.append((accepted, Verdict.ACCEPT, permanent))
+            self.outbox.applies.append((accepted, Verdict.ACCEPT, permanent, None))
             if permanent:
                 self.outbox.kernel_hits.append((accepted, Verdict.ACCEPT))
-        for verdict, group in others.items():
+        for (verdict, target), group in others.items():
             self._count(verdict, len(group))
-            self.outbox.applies.append((group, verdict, permanent))
+            self.outbox.applies.append((group, verdict, permanent, target))
             if permanent:
                 self.outbox.kernel_hits.append((group, verdict))
 
@@ -201,7 +202,7 @@ class Engine:
         waiting = self.held.release(oldest)
         self.counters.evicted += 1
         # Evicted packets are discarded; the backend must still let go of them.
-        self.outbox.applies.append(([oldest.packet], Verdict.DROP, False))
+        self.outbox.applies.append(([oldest.packet], Verdict.DROP, False, None))
         if was_asked:
             self.outbox.withdrawn.append(oldest)
             if waiting is not None:
@@ -214,21 +215,30 @@ class Engine:
         held = self.held.get(packet_id)
         return held is not None and self.held.connections[held.key].asked == packet_id
 
-    def on_verdict(self, packet_id: int, verdict: Verdict, permanent: bool, *, defaulted: bool = False) -> bool:
+    def on_verdict(
+        self,
+        packet_id: int,
+        verdict: Verdict,
+        permanent: bool,
+        *,
+        defaulted: bool = False,
+        target: Target | None = None,
+    ) -> bool:
         """Settle the asked-about ``packet_id`` (by a decider, or the policy with ``defaulted``).
 
-        A permanent verdict is cached and settles every packet waiting behind
-        it; a temporary one settles this packet and asks about the next.
-        False, and nothing done, if the packet is not held and asked about.
+        A permanent verdict is cached (a reroute with its ``target``) and
+        settles every packet waiting behind it; a temporary one settles this
+        packet and asks about the next. False, and nothing done, if the
+        packet is not held and asked about.
         """
         if not self.is_asked(packet_id):
             return False
         held = self.held.get(packet_id)
         assert held is not None
         if permanent:
-            self.verdicts.put(held.key, verdict)
+            self.verdicts.put(held.key, verdict, target)
             settled = self.held.release_connection(held.key)
-            self._settle([h.packet for h in settled], verdict, True, defaulted=defaulted)
+            self._settle([h.packet for h in settled], verdict, True, defaulted=defaulted, target=target)
             return True
         waiting = self.held.release(held)
         self._settle([held.packet], verdict, False, defaulted=defaulted)
@@ -240,17 +250,27 @@ class Engine:
         """Settle packets without a key (the policy's default, never cached)."""
         self._settle(packets, verdict, False, defaulted=True)
 
-    def _settle(self, packets: list[CapturedPacket], verdict: Verdict, permanent: bool, *, defaulted: bool) -> None:
+    def _settle(
+        self,
+        packets: list[CapturedPacket],
+        verdict: Verdict,
+        permanent: bool,
+        *,
+        defaulted: bool,
+        target: Target | None = None,
+    ) -> None:
         self._count(verdict, len(packets))
         if defaulted:
             self.counters.defaulted += len(packets)
-        self.outbox.applies.append((packets, verdict, permanent))
+        self.outbox.applies.append((packets, verdict, permanent, target))
 
     def _count(self, verdict: Verdict, n: int) -> None:
         if verdict is Verdict.ACCEPT:
             self.counters.accepted += n
         elif verdict is Verdict.BLOCK:
             self.counters.blocked += n
+        elif verdict in REROUTE_VERDICTS:
+            self.counters.rerouted += n
         else:
             self.counters.dropped += n
 

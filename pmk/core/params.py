@@ -85,17 +85,3 @@ def check_update_verdict(params: list[Any]) -> tuple[ConnKey, Verdict]:
 
 def check_no_params(params: list[Any], method: str) -> None:
     _no_params(params, method)
-
-
-def check_decision(result: Any) -> tuple[Verdict, bool]:
-    """A decider's answer to ``decide``: (verdict, permanent)."""
-    if not isinstance(result, dict):
-        raise InvalidParams("a decide result must be a map")
-    try:
-        verdict = Verdict.parse(result.get("verdict"))
-    except ValueError as error:
-        raise InvalidParams(str(error)) from None
-    permanent = result.get("permanent", False)
-    if type(permanent) is not bool:
-        raise InvalidParams("permanent must be a boolean")
-    return verdict, permanent

@@ -30,7 +30,6 @@ from pmk.core.info import decide_info
 from pmk.core.packet_cache import HeldPacket
 from pmk.core.params import (
     InvalidParams,
-    check_decision,
     check_hello,
     check_no_params,
     check_packet_id,
@@ -42,7 +41,7 @@ from pmk.packet.captured import CacheRun, CapturedPacket
 from pmk.packet.parse import conn_key
 from pmk.rpc import names
 from pmk.rpc.messages import MSGID_LIMIT, ErrorCode, wire_error
-from pmk.verdicts import ConnKey, Verdict
+from pmk.verdicts import REROUTE_VERDICTS, ConnKey, Decision, RerouteTargets, Verdict, parse_decision
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +90,22 @@ class Service:
         verdict_timeout: float,
         max_in_flight: int,
         started: float,
+        targets: RerouteTargets | None = None,
+        reroutable: Callable[[CapturedPacket], bool] | None = None,
     ) -> None:
+        """``targets``: the configured reroute targets; ``reroutable`` (None: the
+        backend cannot reroute) says whether a packet starts its connection, so
+        that a reroute can still take effect (SPEC 5.2)."""
         self.engine = Engine(
             packet_cache_size=packet_cache,
             verdict_cache_size=verdict_cache,
             hits_permanent=backend.kernel_verdict_cache,
         )
         self.requests = RequestTable(verdict_timeout, max_in_flight, MSGID_LIMIT)
+        self.targets = targets = targets if targets is not None else RerouteTargets()
+        self._reroutable = reroutable
+        #: What a decide answer may say (hello's ``verdicts``).
+        self.verdicts = targets.verdicts(redirect=reroutable is not None)
         self.policy = policy
         self.policy_hits: dict[str, int] = dict.fromkeys(policy.rule_names, 0)
         self._backend = backend
@@ -188,8 +196,8 @@ class Service:
         while True:
             while engine.outbox:
                 work = engine.outbox.take()
-                for packets, verdict, permanent in _coalesced(work.applies):
-                    self._out.append(cmd.Apply(packets, verdict, permanent))
+                for packets, verdict, permanent, to in _coalesced(work.applies):
+                    self._out.append(cmd.Apply(packets, verdict, permanent, to))
                 if work.unparsed:
                     decision = self.policy.default
                     self.policy_hits[decision.rule] = self.policy_hits.get(decision.rule, 0) + len(work.unparsed)
@@ -301,8 +309,8 @@ class Service:
             self._settle_by_policy(held)
             return
         try:
-            verdict, permanent = check_decision(event.result)
-        except InvalidParams as error:
+            decision = self._decision(event.result, held)
+        except ValueError as error:
             requests.step(request, Step.ANSWER_INVALID)
             self._out.append(
                 cmd.Notify(event.client, names.PROTOCOL_ERROR, [wire_error(ErrorCode.INVALID_PARAMS, str(error))])
@@ -310,10 +318,27 @@ class Service:
             self._settle_by_policy(held)
             return
         requests.step(request, Step.ANSWER)
+        verdict, permanent, to = decision.verdict, decision.permanent, decision.target
         self._out.append(
-            cmd.Decided(held.key, held.packet.outbound, verdict, permanent, "decider", self._name(event.client))
+            cmd.Decided(held.key, held.packet.outbound, verdict, permanent, "decider", self._name(event.client), to=to)
         )
-        self.engine.on_verdict(held.id, verdict, permanent)
+        self.engine.on_verdict(held.id, verdict, permanent, target=to)
+
+    def _decision(self, result: object, held: HeldPacket) -> Decision:
+        """Check a decide answer for ``held``; ValueError (a protocol error) if it is invalid.
+
+        A reroute for a packet that does not start its connection comes too
+        late to change the connection's addresses: it is carried out as a
+        permanent block (SPEC 5.2).
+        """
+        decision = parse_decision(result, self.targets, held.key, held.packet.outbound)
+        if decision.verdict not in self.verdicts:
+            raise ValueError(f"this server does not offer {decision.verdict.value} (see hello's verdicts)")
+        reroutable = self._reroutable
+        if decision.verdict in REROUTE_VERDICTS and not (reroutable is not None and reroutable(held.packet)):
+            log.info("%s for packet %d came after its connection's first packet: blocked", decision.verdict, held.id)
+            return Decision(Verdict.BLOCK, True)
+        return decision
 
     def _on_late_answer(self, event: ev.LateAnswer, now: float) -> None:
         self.requests.answer_forgotten()
@@ -386,7 +411,12 @@ class Service:
         elif event.client in self.requests.load:
             # A decider turning observer must not strand what it was asked (SPEC 5.4).
             self._stop_deciding(event.client, now, connected=True)
-        return {"protocol": pmk.PROTOCOL_VERSION, "version": pmk.__version__, "backend": self._backend.name}
+        return {
+            "protocol": pmk.PROTOCOL_VERSION,
+            "version": pmk.__version__,
+            "backend": self._backend.name,
+            "verdicts": [v.value for v in self.verdicts],
+        }
 
     def _get_payload(self, event: ev.ClientRequest, now: float) -> Any:
         packet_id = check_packet_id(event.params, names.GET_PAYLOAD)
@@ -486,13 +516,13 @@ def _coalesced(applies: list[Apply]) -> list[Apply]:
         return applies
     out: list[Apply] = []
     joined = False  # whether out[-1] holds a list of our own (safe to extend)
-    for packets, verdict, permanent in applies:
-        if out and out[-1][1] is verdict and out[-1][2] == permanent:
+    for packets, verdict, permanent, to in applies:
+        if out and out[-1][1] is verdict and out[-1][2] == permanent and out[-1][3] == to:
             if not joined:
-                out[-1] = (list(out[-1][0]), verdict, permanent)
+                out[-1] = (list(out[-1][0]), verdict, permanent, to)
                 joined = True
             out[-1][0].extend(packets)
         else:
-            out.append((packets, verdict, permanent))
+            out.append((packets, verdict, permanent, to))
             joined = False
     return out

@@ -1,7 +1,7 @@
 """Packet accounting (request counters live with the requests, ``requests.py``).
 
 Invariant, true between any two events: every captured packet is in exactly
-one of accepted, blocked, dropped, evicted, or still held (pending).
+one of accepted, blocked, dropped, rerouted, evicted, or still held (pending).
 ``defaulted`` counts the outcomes that came from the fallback policy.
 """
 
@@ -23,6 +23,8 @@ class Counters:
     dropped: int = 0
     evicted: int = 0
     preaccepted: int = 0
+    #: packets sent to a reroute or redirect target (or replies brought back from one)
+    rerouted: int = 0
     unparsed: int = 0
 
     def as_dict(self) -> dict[str, int]:

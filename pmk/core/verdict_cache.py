@@ -1,23 +1,24 @@
 """Permanent verdicts per connection, least recently used evicted.
 
 An entry is an object rather than a bare verdict so that per-connection
-counters (and later a rewrite for reroute verdicts) live beside it.
+counters and a reroute's target live beside it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from pmk.verdicts import ConnKey, Verdict
+from pmk.verdicts import ConnKey, Target, Verdict
 
 
 class CachedVerdict:
-    """A connection's verdict and what passed under it."""
+    """A connection's verdict (with a reroute's target) and what passed under it."""
 
-    __slots__ = ("bytes", "packets", "verdict")
+    __slots__ = ("bytes", "packets", "target", "verdict")
 
-    def __init__(self, verdict: Verdict) -> None:
+    def __init__(self, verdict: Verdict, target: Target | None = None) -> None:
         self.verdict = verdict
+        self.target = target
         self.packets = 0
         self.bytes = 0
 
@@ -45,17 +46,18 @@ class VerdictCache:
             self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: ConnKey, verdict: Verdict) -> CachedVerdict:
-        """Cache ``verdict`` for ``key``, evicting the least recently used entry if full."""
+    def put(self, key: ConnKey, verdict: Verdict, target: Target | None = None) -> CachedVerdict:
+        """Cache ``verdict`` (a reroute with its ``target``) for ``key``; the least recently used entry makes room."""
         entry = self._entries.get(key)
         if entry is not None:
             entry.verdict = verdict
+            entry.target = target
             self._entries.move_to_end(key)
             return entry
         if len(self._entries) >= self.capacity:
             self._entries.popitem(last=False)
             self.evictions += 1
-        entry = CachedVerdict(verdict)
+        entry = CachedVerdict(verdict, target)
         self._entries[key] = entry
         return entry
 

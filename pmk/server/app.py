@@ -28,7 +28,7 @@ from pmk.rpc.names import DECIDE
 from pmk.server import endpoint
 from pmk.server.session import ClientSession
 from pmk.server.watch import BypassWatch
-from pmk.verdicts import ConnKey
+from pmk.verdicts import ConnKey, RerouteTargets
 
 log = logging.getLogger(__name__)
 decisions = logging.getLogger("pmk.decisions")
@@ -55,6 +55,8 @@ class Server:
             verdict_timeout=config.verdict_timeout,
             max_in_flight=config.max_in_flight,
             started=clock(),
+            targets=RerouteTargets(config.nameservers, config.tunnels),
+            reroutable=backend.reroutable if backend.can_reroute else None,
         )
         self.sessions: dict[int, ClientSession] = {}
         self._next_session = 1
@@ -170,8 +172,8 @@ class Server:
         written: set[ClientSession] = set()
         for command in commands:
             match command:
-                case cmd.Apply(packets, verdict, permanent):
-                    self.backend.apply(packets, verdict, permanent)
+                case cmd.Apply(packets, verdict, permanent, target):
+                    self.backend.apply(packets, verdict, permanent, target)
                 case cmd.SendDecide(client, msgid, info):
                     if (session := sessions.get(client)) is not None:
                         session.send_request(DECIDE, [info], msgid)

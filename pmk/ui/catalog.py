@@ -96,6 +96,7 @@ STATS: tuple[Stat, ...] = (
     Stat("verdict_errors", C, _B, "verdicts the kernel refused"),
     Stat("flows_created", C, _B, "kernel flow entries made for permanent non-accept verdicts"),
     Stat("flow_errors", C, _B, "kernel flow entries that could not be made"),
+    Stat("nat_errors", C, _B, "reroutes blocked because their NAT target could not be installed (nfqueue)"),
     Stat("enobufs", C, _B, "netlink receive overruns (the kernel dropped packets)"),
     Stat("kernel_queue_len", G, _B, "packets waiting in the kernel queue"),
     Stat("kernel_queue_dropped", C, _B, "packets the kernel dropped: queue full"),
@@ -108,6 +109,7 @@ STATS: tuple[Stat, ...] = (
     Stat("replay_not_ip", C, _B, "frames skipped: not IP, or unreadable (pmk replay)"),
     Stat("replay_not_local", C, _B, "packets skipped: neither side is --local (pmk replay)"),
     Stat("replay_written", C, _B, "accepted frames written to --write-accepted (pmk replay)"),
+    Stat("redirects", G, _B, "rerouted connections pmk rewrites itself (divert)"),
     Stat("uptime", G, _S, "seconds since the server started", unit="seconds"),
 )
 
