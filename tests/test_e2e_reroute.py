@@ -36,7 +36,11 @@ async def test_dns_goes_to_the_local_resolver_and_the_answer_comes_from_the_peer
     async with Testbed(backend, PORTS, start_pmk=False) as bed:
         hosts = bed.hosts
         await bed.start_pmk(
-            ["--nameserver", f"{hosts.server_ip}:{NAMESERVER}", "--tunnel", f"{hosts.server_ip}:{TUNNEL}"]
+            [
+                *("--nameserver", f"{hosts.server_ip}:{NAMESERVER}"),
+                *("--nameserver", f"[{hosts.server_ip6}]:{NAMESERVER}"),
+                *("--tunnel", f"{hosts.server_ip}:{TUNNEL}"),
+            ]
         )
         decider = await bed.decider(
             by_port({7301: Decision("reroute_to_nameserver"), 7302: Decision("reroute_to_tunnel")})
@@ -47,16 +51,18 @@ async def test_dns_goes_to_the_local_resolver_and_the_answer_comes_from_the_peer
         for n in range(2):
             answer = await app.udp_query(hosts.client_ip, 7301, f"query {n}")
             assert answer == {"data": f"query {n}", "from": [hosts.client_ip, 7301]}
+        answer = await app.udp_query(hosts.client_ip6, 7301, "query 6")
+        assert answer == {"data": "query 6", "from": [hosts.client_ip6, 7301]}
         answer = await app.udp_query(hosts.client_ip, 7302, "through the tunnel")
         assert answer == {"data": "through the tunnel", "from": [hosts.client_ip, 7302]}
-        assert targets.udp(NAMESERVER) == ["query 0", "query 1"]
+        assert targets.udp(NAMESERVER) == ["query 0", "query 1", "query 6"]
         assert targets.udp(TUNNEL) == ["through the tunnel"]
         assert far.udp(7301) == far.udp(7302) == []
-        assert [i["direction"] for i in decider.infos] == ["outbound"] * 3
+        assert [i["direction"] for i in decider.infos] == ["outbound"] * 4
         assert decider.protocol_errors == []
         stats = await bed.server.check_identity()
         # Each query and its answer: every captured packet was rerouted.
-        assert stats["rerouted"] == stats["captured"] >= 3
+        assert stats["rerouted"] == stats["captured"] >= 4
         assert stats["accepted"] == stats["blocked"] == stats["defaulted"] == 0
 
 
