@@ -119,3 +119,31 @@ async def test_invalid_reroutes_get_the_policy_and_a_protocol_error(backend: str
         assert "outbound" in decider.protocol_errors[2]
         stats = await bed.server.check_identity()
         assert stats["default_invalid"] == 3 and stats["rerouted"] == 0 and stats["blocked"] >= 3
+
+
+async def test_a_reroute_for_a_later_packet(backend: str) -> None:
+    """nfqueue: the flow's NAT binding is made, so it is blocked; divert rewrites a UDP flow at any point."""
+    async with Testbed(backend, PORTS, start_pmk=False) as bed:
+        hosts = bed.hosts
+        await bed.start_pmk(["--nameserver", f"{hosts.server_ip}:{NAMESERVER}"])
+        outbound = iter([Decision("accept"), Decision("reroute_to_nameserver")])
+        decider = await bed.decider(
+            lambda info: next(outbound) if info["direction"] == "outbound" else Decision("accept")
+        )
+        resolver = await bed.listen(hosts.server, [f"udp:{NAMESERVER}"])
+        far = await bed.listen(hosts.client, ["udp:7301"])
+        app = await bed.session(hosts.server)
+        await app.udp_open(hosts.client_ip, 7301, id="u")
+        assert await app.ping("first, accepted once", id="u") == {"data": "first, accepted once"}
+        second = await app.ping("second", id="u")
+        # Asked about: the first datagram, the peer's echo of it, the second datagram.
+        assert [i["direction"] for i in decider.infos] == ["outbound", "inbound", "outbound"]
+        assert decider.protocol_errors == [] and far.udp(7301) == ["first, accepted once"]
+        stats = await bed.server.check_identity()
+        if backend == "nfqueue":
+            assert second == {"error": "ECONNREFUSED"} and resolver.udp(NAMESERVER) == []
+            assert (stats["accepted"], stats["blocked"], stats["rerouted"]) == (2, 1, 0)
+        else:
+            # The answer arrives on the connected socket: it came as from the peer.
+            assert second == {"data": "second"} and resolver.udp(NAMESERVER) == ["second"]
+            assert (stats["accepted"], stats["blocked"], stats["rerouted"]) == (2, 0, 2)

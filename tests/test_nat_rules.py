@@ -43,6 +43,7 @@ def test_first_packets_in_scope_are_queued_from_mangle_and_marked() -> None:
     mangle, nat = script.split("*nat")
     assert '-I OUTPUT 1 -m comment --comment "pmk pid 42" -j PMK-NAT-Q' in mangle
     assert "-A PMK-NAT-Q -m conntrack ! --ctstate NEW -j RETURN" in mangle
+    assert "-A PMK-NAT-Q -m conntrack --ctstatus CONFIRMED -j RETURN" in mangle
     assert "-A PMK-NAT-Q -p tcp -m multiport --ports 80 -j PMK-NAT-FIRST" in mangle
     assert "-A PMK-NAT-Q -p udp -m multiport --ports 53 -j PMK-NAT-FIRST" in mangle
     assert "icmp" not in mangle  # only TCP and UDP can be rerouted

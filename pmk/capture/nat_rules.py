@@ -107,6 +107,8 @@ def build_nat_restore(
         # Back from the queue with a verdict (NF_REPEAT restarts this hook), or decided otherwise.
         f"-A {QUEUE_CHAIN} -m mark ! --mark 0x0/{mark_mask:#x} -j RETURN",
         f"-A {QUEUE_CHAIN} -m conntrack ! --ctstate NEW -j RETURN",
+        # A retransmitted SYN or a second datagram is NEW too, but its NAT binding is made already.
+        f"-A {QUEUE_CHAIN} -m conntrack --ctstatus CONFIRMED -j RETURN",
         *(f"-A {QUEUE_CHAIN} {spec}" for spec in _queue_scope(match)),
         f"-A {FIRST_CHAIN} -j MARK --set-xmark {first:#x}/{mark_mask:#x}",
         f"-A {FIRST_CHAIN} -j NFQUEUE --queue-num {queue_num}{bypass}",
