@@ -156,6 +156,7 @@ class DivertBackend(CaptureBackend):
         self._rerouter: Rerouter | None = None
         #: Targets whose loopback replies some handle captures (the configured ones by the main filter).
         self._reply_targets: set[Target] = set(pinned)
+        self._pinned_sources = {(t.ip, t.port) for t in pinned}
         self._reply_handles: list[tuple[pydivert.Divert, _LinuxBatchIO | _ThreadReader]] = []
         self._expire_at = 0.0
         self._queue_len = queue_len
@@ -267,31 +268,37 @@ class DivertBackend(CaptureBackend):
     def _unreroute(self, packets: list[CapturedPacket], only_replies: bool = False) -> list[CapturedPacket]:
         """Replies of rerouted connections made to come from the original peer, as inbound packets.
 
-        ``only_replies``: re-inject anything else untouched (a reply handle's
-        catch that is no rerouted connection's is none of pmk's business).
+        What else a reply clause caught (a local program talking to the
+        resolver directly) is none of pmk's business and goes back untouched:
+        everything, with ``only_replies`` (a reply handle's catch); on the
+        main handle, loopback packets from a configured target.
         """
         rerouter = self._rerouter
-        if rerouter is None or not len(rerouter.table):
-            if only_replies:
-                self._send([(p.raw, p.token) for p in packets])
-                return []
+        table_empty = rerouter is None or not len(rerouter.table)
+        if table_empty and not only_replies and not self._pinned_sources:
             return packets
         now = time.monotonic()
         out: list[CapturedPacket] = []
         others: list[tuple[bytes, bytes]] = []
         for packet in packets:
             record = packet.token
-            reply = None
-            if not packet.outbound or record[_FLAGS_BYTE] & _LOOPBACK_BIT:
-                reply = rerouter.inbound(packet.raw, record, now)
+            loopback = record[_FLAGS_BYTE] & _LOOPBACK_BIT
+            if packet.outbound and not loopback:
+                out.append(packet)  # the application's own: its connection's verdict decides
+                continue
+            reply = None if rerouter is None or table_empty else rerouter.inbound(packet.raw, record, now)
             if reply is not None:
                 out.append(CapturedPacket(reply[0], False, packet.if_index, packet.sub_if_index, record))
-            elif only_replies:
+            elif only_replies or (loopback and self._from_pinned(packet.raw)):
                 others.append((packet.raw, record))
             else:
                 out.append(packet)
         self._send(others)
         return out
+
+    def _from_pinned(self, raw: bytes) -> bool:
+        flow = parse_flow(raw)
+        return flow is not None and (flow.src, flow.src_port) in self._pinned_sources
 
     def _capture_replies(self, target: Target) -> None:
         """Open a handle for a new local target's replies over loopback."""
