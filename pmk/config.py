@@ -64,7 +64,15 @@ DEFAULT_RING_BYTES = 16 << 20
 # or this long after FINs went both ways (the last ACK and retransmissions).
 REDIRECT_IDLE_TCP = 600.0
 REDIRECT_IDLE_UDP = 60.0
+# Also how long a connection's cached verdict outlives FINs both ways (divert).
 REDIRECT_LINGER = 10.0
+# Divert: a cached connection without a packet for this long has ended (its
+# verdict goes, connection_end says "idle"). One value for every protocol:
+# UDP and ICMP have no end but this, and 5 minutes covers the gaps of
+# request/response and streaming flows (Linux keeps an answered UDP flow
+# 120 s); a TCP connection quiet for longer is asked about again when it
+# resumes, which costs one decide.
+DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_LOG_LEVEL = "info"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CAPTURES = ("auto", "divert", "nfqueue")
@@ -99,6 +107,8 @@ class ServeConfig:
     #: session that started pmk must survive its start, whatever the deciders do).
     decide_existing: bool = False
     verdict_timeout: float = DEFAULT_VERDICT_TIMEOUT
+    #: divert: seconds without a packet after which a cached connection has ended.
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     #: decide requests outstanding per decider before further asks wait (SPEC 5.3).
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     allow_uids: tuple[int, ...] = ()
@@ -395,6 +405,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("packet-cache", Integer(1), DEFAULT_PACKET_CACHE, "held packets", "packet_cache"),
     Option("verdict-cache", Integer(1), DEFAULT_VERDICT_CACHE, "cached connections", "verdict_cache"),
     Option("verdict-timeout", Seconds(), DEFAULT_VERDICT_TIMEOUT, "how long a decider may take", "verdict_timeout"),
+    Option(
+        "idle-timeout",
+        Seconds(),
+        DEFAULT_IDLE_TIMEOUT,
+        "divert: a connection without packets this long ended",
+        "idle_timeout",
+    ),
     Option("allow-uid", IdList(), (), "also admit this uid (repeatable)", "allow_uids"),
     Option("allow-group", IdList(), (), "also admit this gid (repeatable)", "allow_gids"),
     Option("fail-open", Switch(), False, "nfqueue: pass packets when pmk is not reading", "fail_open"),

@@ -23,7 +23,7 @@ def test_verdict_cache_evicts_the_least_recently_used() -> None:
 def test_verdict_cache_update_keeps_counters() -> None:
     cache = VerdictCache(4)
     entry = cache.put(key(1), Verdict.ACCEPT)
-    entry.packets = 7
+    entry.packets_in = 7
     again = cache.put(key(1), Verdict.BLOCK)
-    assert again is entry and again.packets == 7 and again.verdict is Verdict.BLOCK
+    assert again is entry and again.packets_in == 7 and again.verdict is Verdict.BLOCK
     assert cache.clear() == 1 and len(cache) == 0

@@ -248,6 +248,7 @@ SAMPLES: dict[str, tuple[Any, str, Any]] = {
     "packet-cache": (7, "7", 7),
     "verdict-cache": (9, "9", 9),
     "verdict-timeout": (0.5, "0.5", 0.5),
+    "idle-timeout": (30, "30", 30.0),
     "allow-uid": ([1000, 1001], "1000,1001", (1000, 1001)),
     "allow-group": ([27], "27", (27,)),
     "fail-open": (True, "yes", True),

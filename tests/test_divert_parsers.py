@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pmk.capture.divert import ADDRESS_BYTES, flipped_address, split_batch
 from pmk.packet.parse import parse_flow, simple_ipv4_key, simple_ipv4_runs
-from tests.packets import hop_by_hop, ip_packet, tcp, udp
+from tests.packets import ACK, FIN, RST, hop_by_hop, ip_packet, tcp, udp
 
 A, B = "198.18.0.1", "198.18.0.2"
 
@@ -36,7 +36,7 @@ def batch(*packets: tuple[bytes, bool]) -> tuple[bytearray, int, bytes]:
     return bytearray(data) + bytearray(1000), len(data), b"".join(record(out) for _, out in packets)
 
 
-def runs_of(*packets: tuple[bytes, bool]) -> list[tuple[tuple[int, bytes, int, bytes, int], int, int]] | None:
+def runs_of(*packets: tuple[bytes, bool]) -> list[tuple[tuple[int, bytes, int, bytes, int], int, int, bool]] | None:
     buf, total, _ = batch(*packets)
     return simple_ipv4_runs(buf, total, [out for _, out in packets])
 
@@ -47,7 +47,11 @@ def test_consecutive_packets_of_one_connection_form_one_run_whatever_their_direc
     runs = runs_of((request, True), (request, True), (other, True), (reply, False))
     assert runs is not None
     key = simple_ipv4_key(request, True)
-    assert runs == [(key, 2, 2 * len(request)), (simple_ipv4_key(other, True), 1, len(other)), (key, 1, len(reply))]
+    assert runs == [
+        (key, 2, 2 * len(request), True),
+        (simple_ipv4_key(other, True), 1, len(other), True),
+        (key, 1, len(reply), False),
+    ]
     # The reply seen inbound has the same key as the request seen outbound: both local side first.
     assert simple_ipv4_key(reply, False) == key
 
@@ -68,6 +72,13 @@ def test_one_packet_that_is_not_simple_spoils_the_batch(odd: bytes) -> None:
     assert runs_of((udp(A, B, 4000, 53), True), (odd, True)) is None
 
 
+@pytest.mark.parametrize("flags", [FIN | ACK, RST, RST | ACK])
+def test_a_tcp_fin_or_reset_spoils_the_batch_so_the_per_packet_path_sees_the_end(flags: int) -> None:
+    data = tcp(A, B, 4000, 80, flags=ACK)
+    assert runs_of((data, True), (data, True)) is not None
+    assert runs_of((data, True), (tcp(A, B, 4000, 80, flags=flags), True)) is None
+
+
 def test_lengths_that_do_not_add_up_spoil_the_batch() -> None:
     packet = udp(A, B, 4000, 53)
     buf, total, _ = batch((packet, True), (packet, True))
@@ -80,7 +91,7 @@ def test_a_zero_length_field_fills_the_rest_of_the_buffer() -> None:
     packet = bytearray(udp(A, B, 4000, 53, b"x" * 100))
     packet[2:4] = b"\x00\x00"  # GSO aggregates may say 0
     runs = runs_of((bytes(packet), False))
-    assert runs == [(simple_ipv4_key(bytes(packet), False), 1, len(packet))]
+    assert runs == [(simple_ipv4_key(bytes(packet), False), 1, len(packet), False)]
 
 
 ports = st.integers(1, 3)
@@ -92,10 +103,10 @@ def test_runs_agree_with_the_single_packet_key(spec: list[tuple[str, int, bool]]
     packets = [((udp if kind == "udp" else tcp)(A, B, port, 53), out) for kind, port, out in spec]
     runs = runs_of(*packets)
     assert runs is not None
-    expanded = [key for key, n, _ in runs for _ in range(n)]
-    assert expanded == [simple_ipv4_key(raw, out) for raw, out in packets]
-    assert sum(size for _, _, size in runs) == sum(len(raw) for raw, _ in packets)
-    for key, _, _ in runs:  # the plain tuple is the ConnKey the slow path builds
+    expanded = [(key, out) for key, n, _, out in runs for _ in range(n)]
+    assert expanded == [(simple_ipv4_key(raw, out), out) for raw, out in packets]
+    assert sum(size for _, _, size, _ in runs) == sum(len(raw) for raw, _ in packets)
+    for key, _, _, _ in runs:  # the plain tuple is the ConnKey the slow path builds
         raw, out = next(p for p in packets if simple_ipv4_key(*p) == key)
         flow = parse_flow(raw)
         assert flow is not None and flow.key(out) == key

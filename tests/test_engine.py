@@ -234,17 +234,17 @@ def test_whole_batch_fast_path_counts_only_when_every_run_is_accepted() -> None:
     engine.outbox.take()
     before = engine.counters.as_dict()
     # A run of a blocked connection spoils the batch: nothing is counted.
-    assert not engine.accept_cached([(accepted_key, 3, 300), (blocked_key, 1, 100)])  # type: ignore[list-item]
+    assert not engine.accept_cached([(accepted_key, 3, 300, False), (blocked_key, 1, 100, False)])  # type: ignore[list-item]
     assert engine.counters.as_dict() == before
-    assert engine.accept_cached([(accepted_key, 3, 300)])  # type: ignore[list-item]
+    assert engine.accept_cached([(accepted_key, 3, 300, False), (accepted_key, 2, 120, True)])  # type: ignore[list-item]
     c = engine.counters
     assert (c.captured, c.cache_hits, c.accepted) == (
-        before["captured"] + 3,
-        before["cache_hits"] + 3,
-        before["accepted"] + 3,
+        before["captured"] + 5,
+        before["cache_hits"] + 5,
+        before["accepted"] + 5,
     )
     entry = engine.verdicts.get(accepted_key)  # type: ignore[arg-type]
-    assert entry is not None and (entry.packets, entry.bytes) == (3, 300)
+    assert entry is not None and entry.counters() == (3, 2, 300, 120)
     assert_identity(engine)
 
 
@@ -258,7 +258,7 @@ def test_per_connection_counters_survive_an_interleaved_miss() -> None:
     hits_before = engine.counters.cache_hits
     # Two hits of one connection, an IPv6 packet of a new one, a hit of another.
     engine.on_packets([conn(1000), conn(1000), inbound(udp("fd00::1", "fd00::2", 5, 53)), conn(2000)])
-    assert engine.verdicts.get(first).packets == 2  # type: ignore[union-attr]
-    assert engine.verdicts.get(second).packets == 1  # type: ignore[union-attr]
+    assert engine.verdicts.get(first).packets_in == 2  # type: ignore[union-attr]
+    assert engine.verdicts.get(second).packets_in == 1  # type: ignore[union-attr]
     assert engine.counters.cache_hits == hits_before + 3 and engine.counters.cache_misses == 3
     assert_identity(engine)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from pmk.packet.captured import CacheProbe, CacheRun, CapturedPacket, KeyTuple, PacketSink
 from pmk.verdicts import ConnKey, Target, Verdict
@@ -23,6 +23,12 @@ __all__ = [
     "KeyTuple",
     "PacketSink",
 ]
+
+
+#: (packets_in, packets_out, bytes_in, bytes_out) of a connection, as the kernel counted them.
+Traffic = tuple[int, int, int, int]
+#: Called on the event loop with connections the kernel stopped tracking, and their totals.
+EndedSink = Callable[[list[tuple[ConnKey, Traffic]]], None]
 
 
 class KernelUpdateError(Exception):
@@ -43,6 +49,10 @@ class CaptureBackend(abc.ABC):
     cache_probe: CacheProbe | None = None
     #: True when ``apply`` can carry out reroutes (SPEC 5.2).
     can_reroute: bool = False
+    #: Set by the server before ``start``: a backend with a kernel verdict
+    #: cache reports there the ends of connections it marked (with the
+    #: kernel's counters); others see every packet and need no report.
+    on_ended: EndedSink | None = None
 
     @abc.abstractmethod
     def start(self, loop: asyncio.AbstractEventLoop, sink: PacketSink) -> None:
@@ -74,6 +84,17 @@ class CaptureBackend(abc.ABC):
 
     def forget_all(self) -> None:  # noqa: B027
         """Forget every kernel-side verdict (clear_cache); blocking and raising like update_connection."""
+
+    def traffic_since(
+        self, previous: Sequence[Mapping[ConnKey, Traffic] | None]
+    ) -> tuple[Mapping[ConnKey, Traffic], list[Mapping[ConnKey, Traffic]]]:
+        """The kernel's totals of every live decided connection, and what moved since each of ``previous``.
+
+        Only for a backend with a kernel verdict cache (the server asks no
+        other); blocking, run in a worker thread. Connections without
+        traffic since a previous are left out of its delta.
+        """
+        raise NotImplementedError(f"the {self.name} backend has no kernel counters")
 
     def stats(self) -> dict[str, int]:
         """Backend counters; ``bypassed`` counts packets that escaped the verdict."""

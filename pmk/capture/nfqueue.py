@@ -27,14 +27,15 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from pmk.capture import netfilter_rules as rules
-from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError, PacketSink
+from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError, PacketSink, Traffic
 from pmk.capture.conntrack import ConntrackError, ConntrackMarks
 from pmk.capture.nat_rules import DEFAULT_TARGET_MASK, NatRuleSet, is_first_packet
+from pmk.capture.ctevents import ConntrackEvents, Counters, Ended, LocalAddresses, dump_marked, traffic_since
 from pmk.config import DEFAULT_QUEUE_MAXLEN
 from pmk.errors import PmkError, UsageError
 from pmk.packet.parse import TCP, UDP, parse_flow
@@ -238,6 +239,7 @@ class NfqueueBackend(CaptureBackend):
         #: First packets waiting for their reroute target's NAT rule, and whether one is being installed.
         self._waiting: dict[Target, list[Any]] = {}
         self._installing = False
+        self._ends: ConntrackEvents | None = None
 
     # --- lifecycle -------------------------------------------------------
 
@@ -254,6 +256,10 @@ class NfqueueBackend(CaptureBackend):
             rules.refuse_if_owned()  # before binding: the other pmk may hold this queue
             self._bind()
             self._rules_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmk-rules")
+            if self.on_ended is not None:
+                # Subscribed before the rules mark anything: every decided connection's end is seen.
+                self._ends = ConntrackEvents(LocalAddresses(), self.mark_mask)
+                self._ends.start(loop, self._ended)
             self._rules.install()
             self._installed = True
             self._nat.install()
@@ -301,6 +307,8 @@ class NfqueueBackend(CaptureBackend):
         if self._loop is not None and self._sock is not None:
             with contextlib.suppress(ValueError, RuntimeError):  # loop already closed
                 self._loop.remove_reader(self._sock.fileno())
+        if self._ends is not None:
+            self._ends.close()
         try:
             with self._rules_lock:  # waits for a running check; none repairs after this
                 try:
@@ -544,6 +552,20 @@ class NfqueueBackend(CaptureBackend):
         except ConntrackError as error:
             raise KernelUpdateError(str(error)) from error
 
+    def _ended(self, ended: list[Ended]) -> None:
+        if self.on_ended is not None:
+            self.on_ended([(end.key, end.counters) for end in ended])
+
+    def traffic_since(
+        self, previous: Sequence[Mapping[ConnKey, Traffic] | None]
+    ) -> tuple[Mapping[ConnKey, Traffic], list[Mapping[ConnKey, Traffic]]]:
+        """One dump of the permanently marked connections (``ctevents.dump_marked``) and the deltas."""
+        local = self._ends.local if self._ends is not None else LocalAddresses()
+        permanent = (rules.MarkCode.ACCEPT, rules.MarkCode.BLOCK, rules.MarkCode.DROP)
+        current = dump_marked([self._marks[code] for code in permanent], self.mark_mask, local)
+        # The previous totals are earlier results of this method: dump_marked's own type.
+        return current, [traffic_since(cast(dict[ConnKey, Counters], before or {}), current) for before in previous]
+
     def stats(self) -> dict[str, int]:
         out = dict(self._counts)
         # Fail-closed, no packet in scope passes undecided. With fail_open the
@@ -553,4 +575,6 @@ class NfqueueBackend(CaptureBackend):
         out["fail_open"] = int(self.fail_open)
         out["enobufs"] = self._reader.enobufs if self._reader is not None else 0
         out.update(read_queue_counters(self.queue_num))
+        if self._ends is not None:
+            out.update(self._ends.stats())
         return out

@@ -7,6 +7,7 @@ client that is gone is skipped.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,25 @@ class ArmTimer:
 
 
 @dataclass(frozen=True, slots=True)
+class ArmLifeTimer:
+    """Deliver a LifeTick at monotonic time ``at`` (replaces any earlier one; a second timer beside ArmTimer)."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MeasureTraffic:
+    """Dump the kernel's per-connection totals (blocking: off the loop) and report TrafficMeasured.
+
+    ``previous`` holds, per client of ``clients``, its totals at its previous
+    notification (None: none yet), for the deltas.
+    """
+
+    clients: tuple[int, ...]
+    previous: tuple[Mapping[ConnKey, tuple[int, int, int, int]] | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Decided:
     """A connection (or, for a temporary verdict, one packet) was decided: for the decision log."""
 
@@ -113,5 +133,7 @@ Command = (
     | UpdateConnection
     | ForgetConnections
     | ArmTimer
+    | ArmLifeTimer
+    | MeasureTraffic
     | Decided
 )

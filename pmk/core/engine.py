@@ -20,19 +20,23 @@ from collections.abc import Iterable
 
 from pmk.core.packet_cache import HeldPacket, PacketCache
 from pmk.core.stats import Counters
-from pmk.core.verdict_cache import VerdictCache
+from pmk.core.verdict_cache import CachedVerdict, VerdictCache
 from pmk.packet.captured import CacheRun, CapturedPacket, KeyTuple
-from pmk.packet.parse import parse_flow, simple_ipv4_key
+from pmk.packet.parse import TCP, parse_flow, simple_ipv4_key
 from pmk.verdicts import REROUTE_VERDICTS, ConnKey, Target, Verdict
 
 #: One group of packets that got one verdict: (packets, verdict, permanent, a reroute's target).
 Apply = tuple[list[CapturedPacket], Verdict, bool, Target | None]
+# TCP flags that end a connection (FIN, RST); at byte 33 of a simple IPv4 packet.
+_FIN, _RST = 0x01, 0x04
+_ENDS = _FIN | _RST
+_SIMPLE_TCP_FLAGS = 33
 
 
 class Outbox:
     """What the shell must do after an engine call, in order of kind."""
 
-    __slots__ = ("applies", "asks", "kernel_hits", "unparsed", "withdrawn")
+    __slots__ = ("applies", "asks", "closing", "kernel_hits", "unparsed", "withdrawn")
 
     def __init__(self) -> None:
         self.applies: list[Apply] = []
@@ -44,9 +48,11 @@ class Outbox:
         self.unparsed: list[CapturedPacket] = []
         #: with ``hits_permanent``: cache hits, handed to the kernel now (decided "by cache")
         self.kernel_hits: list[tuple[list[CapturedPacket], Verdict]] = []
+        #: cached TCP connections that just ended (True: a reset) or began closing (FINs both ways)
+        self.closing: list[tuple[ConnKey, CachedVerdict, bool]] = []
 
     def __bool__(self) -> bool:
-        return bool(self.applies or self.asks or self.withdrawn or self.unparsed or self.kernel_hits)
+        return bool(self.applies or self.asks or self.withdrawn or self.unparsed or self.kernel_hits or self.closing)
 
     def take(self) -> Outbox:
         """Hand over the recorded work and start empty."""
@@ -56,6 +62,7 @@ class Outbox:
         taken.withdrawn, self.withdrawn = self.withdrawn, []
         taken.unparsed, self.unparsed = self.unparsed, []
         taken.kernel_hits, self.kernel_hits = self.kernel_hits, []
+        taken.closing, self.closing = self.closing, []
         return taken
 
 
@@ -81,6 +88,8 @@ class Engine:
         UDP without options) reads its key straight from the bytes as a plain
         tuple, which finds the ConnKey entries (equal tuples hash alike), and
         consecutive packets of one connection share a single cache lookup.
+        Hits are counted per direction on their entry; a TCP hit with FIN or
+        RST is handed to ``_tcp_end`` (the whole-batch path never sees one).
         """
         counters = self.counters
         lookup = self.verdicts.get
@@ -90,7 +99,9 @@ class Engine:
         others: dict[tuple[Verdict, Target | None], list[CapturedPacket]] = {}
         last_key: KeyTuple | None = None
         entry = None
-        hits = hit_bytes = captured = 0
+        hits = captured = 0
+        # this run's hits per direction: packets in, packets out, bytes in, bytes out
+        p_in = p_out = b_in = b_out = 0
         for packet in packets:
             captured += 1
             raw = packet.raw
@@ -99,14 +110,20 @@ class Engine:
                 key = fast
                 if key != last_key:
                     if entry is not None:
-                        entry.packets += hits
-                        entry.bytes += hit_bytes
-                        hits = hit_bytes = 0
+                        _add(entry, p_in, p_out, b_in, b_out)
+                        p_in = p_out = b_in = b_out = 0
                     entry = lookup(key)  # type: ignore[arg-type]
                     last_key = key if entry is not None else None
                 if entry is not None:
                     hits += 1
-                    hit_bytes += len(raw)
+                    if packet.outbound:
+                        p_out += 1
+                        b_out += len(raw)
+                    else:
+                        p_in += 1
+                        b_in += len(raw)
+                    if raw[9] == TCP and len(raw) > _SIMPLE_TCP_FLAGS and raw[_SIMPLE_TCP_FLAGS] & _ENDS:
+                        self._tcp_end(key, entry, raw[_SIMPLE_TCP_FLAGS], packet.outbound)  # type: ignore[arg-type]
                     if entry.verdict is accept:
                         accepted.append(packet)
                     else:
@@ -121,9 +138,14 @@ class Engine:
             # A fast-path packet got here because its key is not cached: no second lookup.
             hit = None if fast is not None else lookup(key)
             if hit is not None:
-                hit.packets += 1
-                hit.bytes += len(raw)
+                if packet.outbound:
+                    _add(hit, 0, 1, 0, len(raw))
+                else:
+                    _add(hit, 1, 0, len(raw), 0)
                 counters.cache_hits += 1
+                flags_at = flow.transport_offset + 13
+                if flow.protocol == TCP and len(raw) > flags_at and raw[flags_at] & _ENDS:
+                    self._tcp_end(key, hit, raw[flags_at], packet.outbound)
                 if hit.verdict is accept:
                     accepted.append(packet)
                 else:
@@ -135,14 +157,13 @@ class Engine:
             self._next_id += 1
             # A verdict for this key may now be cached; the next packet looks it up anew.
             if entry is not None:
-                entry.packets += hits
-                entry.bytes += hit_bytes
+                _add(entry, p_in, p_out, b_in, b_out)
+                p_in = p_out = b_in = b_out = 0
                 counters.cache_hits += hits
-                hits = hit_bytes = 0
+                hits = 0
             last_key = entry = None
         if entry is not None:
-            entry.packets += hits
-            entry.bytes += hit_bytes
+            _add(entry, p_in, p_out, b_in, b_out)
         counters.captured += captured
         counters.cache_hits += hits
         permanent = self.hits_permanent
@@ -157,26 +178,44 @@ class Engine:
             if permanent:
                 self.outbox.kernel_hits.append((group, verdict))
 
+    def _tcp_end(self, key: ConnKey, entry: CachedVerdict, flags: int, outbound: bool) -> None:
+        """A cached TCP connection's packet with FIN or RST: note how far its end has got."""
+        if flags & _RST:
+            self.outbox.closing.append((key, entry, True))
+            return
+        both = entry.fin_in and entry.fin_out
+        if outbound:
+            entry.fin_out = True
+        else:
+            entry.fin_in = True
+        if entry.fin_in and entry.fin_out and not both:
+            self.outbox.closing.append((key, entry, False))
+
     def accept_cached(self, runs: list[CacheRun]) -> bool:
         """Whole-batch fast path: True, and counted, if every run's connection is cached as accepted.
 
-        ``runs`` lists (IPv4 key tuple as on_packets builds it, packets, bytes)
-        for consecutive packets of one connection. A backend that gets True
+        ``runs`` lists (IPv4 key tuple as on_packets builds it, packets, bytes,
+        outbound) for consecutive packets of one connection in one direction,
+        none with a TCP FIN or RST (those take on_packets). A backend that gets True
         re-injects the batch as received, with no per-packet objects at all;
         on False nothing has changed and the batch goes through on_packets.
         """
         lookup = self.verdicts.get
         accept = Verdict.ACCEPT
         entries = []
-        for key, _, _ in runs:
+        for key, _, _, _ in runs:
             entry = lookup(key)  # type: ignore[arg-type]
             if entry is None or entry.verdict is not accept:
                 return False
             entries.append(entry)
         total = 0
-        for entry, (_, packets, size) in zip(entries, runs, strict=True):
-            entry.packets += packets
-            entry.bytes += size
+        for entry, (_, packets, size, outbound) in zip(entries, runs, strict=True):
+            if outbound:
+                entry.packets_out += packets
+                entry.bytes_out += size
+            else:
+                entry.packets_in += packets
+                entry.bytes_in += size
             total += packets
         counters = self.counters
         counters.captured += total
@@ -326,3 +365,10 @@ class Engine:
         stats["verdict_cache_entries"] = len(self.verdicts)
         stats["verdict_cache_evictions"] = self.verdicts.evictions
         return stats
+
+
+def _add(entry: CachedVerdict, packets_in: int, packets_out: int, bytes_in: int, bytes_out: int) -> None:
+    entry.packets_in += packets_in
+    entry.packets_out += packets_out
+    entry.bytes_in += bytes_in
+    entry.bytes_out += bytes_out

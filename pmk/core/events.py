@@ -6,6 +6,7 @@ The asyncio server turns I/O into these and hands each to
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,33 @@ class Preaccept:
 
 
 @dataclass(frozen=True, slots=True)
+class LifeTick:
+    """The connection-life timer (``ArmLifeTimer``) fired: ends to sweep, bandwidth to send."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionsEnded:
+    """The kernel stopped tracking these connections (nfqueue: conntrack DESTROY events).
+
+    Each is (key, (packets_in, packets_out, bytes_in, bytes_out)), the kernel's totals.
+    """
+
+    ends: tuple[tuple[ConnKey, tuple[int, int, int, int]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficMeasured:
+    """A ``MeasureTraffic`` dump finished: the kernel's totals and, per client, what moved since its previous.
+
+    ``totals`` is None when the dump failed (``moved`` is then empty).
+    """
+
+    clients: tuple[int, ...]
+    totals: Mapping[ConnKey, tuple[int, int, int, int]] | None
+    moved: tuple[Mapping[ConnKey, tuple[int, int, int, int]], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """Settle everything held with the fallback policy; nothing is asked any more."""
 
@@ -125,5 +153,8 @@ Event = (
     | KernelUpdated
     | KernelUpdateFailed
     | Preaccept
+    | LifeTick
+    | ConnectionsEnded
+    | TrafficMeasured
     | Shutdown
 )

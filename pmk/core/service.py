@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from itertools import islice
 from typing import Any, Protocol
 
 import pmk
+from pmk.config import DEFAULT_IDLE_TIMEOUT, REDIRECT_LINGER
+from pmk.core import bandwidth, lifecycle
 from pmk.core import commands as cmd
 from pmk.core import events as ev
 from pmk.core.engine import Apply, Engine
@@ -37,6 +40,7 @@ from pmk.core.params import (
 )
 from pmk.core.policy import Policy
 from pmk.core.requests import DecideRequest, RequestTable, State, Step
+from pmk.core.verdict_cache import CachedVerdict
 from pmk.packet.captured import CacheRun, CapturedPacket
 from pmk.packet.parse import conn_key
 from pmk.rpc import names
@@ -70,11 +74,13 @@ class MethodError(Exception):
 
 
 class _Client:
-    __slots__ = ("name", "role")
+    __slots__ = ("greeted", "name", "role")
 
     def __init__(self) -> None:
         self.name = ""
         self.role = "observer"
+        #: said hello: gets connection_end
+        self.greeted = False
 
 
 class Service:
@@ -92,6 +98,7 @@ class Service:
         started: float,
         targets: RerouteTargets | None = None,
         reroutable: Callable[[CapturedPacket], bool] | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         """``targets``: the configured reroute targets; ``reroutable`` (None: the
         backend cannot reroute) says whether a packet starts its connection, so
@@ -121,6 +128,10 @@ class Service:
         self.slow_clients = 0
         #: Whole-batch fast path for backends that see every packet (``CaptureBackend.cache_probe``).
         self.accept_cached: Callable[[list[CacheRun]], bool] = self.engine.accept_cached
+        #: Connection ends (divert: FIN, RST, idle) and bandwidth subscriptions.
+        self.life = lifecycle.Lifecycle(self.engine.verdicts, idle_timeout, REDIRECT_LINGER)
+        self.bandwidth = bandwidth.Bandwidth()
+        self._life_at: float | None = None
         self._handlers: dict[type, Callable[[Any, float], None]] = {
             ev.PacketsCaptured: self._on_packets,
             ev.Tick: self._on_tick,
@@ -135,6 +146,9 @@ class Service:
             ev.KernelUpdated: self._on_kernel_updated,
             ev.KernelUpdateFailed: self._on_kernel_failed,
             ev.Preaccept: self._on_preaccept,
+            ev.LifeTick: self._on_life_tick,
+            ev.ConnectionsEnded: self._on_connections_ended,
+            ev.TrafficMeasured: self._on_traffic_measured,
             ev.Shutdown: self._on_shutdown,
         }
 
@@ -151,6 +165,7 @@ class Service:
         kind, instead of one per answer.
         """
         handlers = self._handlers
+        self.engine.verdicts.now = now  # lookups stamp entries with it (last seen)
         for event in events:
             handlers[type(event)](event, now)
         self._drain(now)
@@ -204,6 +219,8 @@ class Service:
                     engine.settle_unparsed(work.unparsed, decision.verdict)
                 for packets, verdict in work.kernel_hits:
                     self._decided_from_cache(packets, verdict)
+                for key, entry, reset in work.closing:
+                    self._closing(key, entry, reset, now)
                 for held in work.withdrawn:
                     self._withdraw(held)
                 for held in work.asks:
@@ -215,6 +232,7 @@ class Service:
         if deadline is not None and deadline != self._timer_at:
             self._timer_at = deadline
             self._out.append(cmd.ArmTimer(deadline))
+        self._arm_life_timer(now)
 
     def _decided_from_cache(self, packets: list[CapturedPacket], verdict: Verdict) -> None:
         """A kernel-cache backend only sees packets of connections it has no verdict for: record the hand-over."""
@@ -273,7 +291,8 @@ class Service:
         self._out.append(
             cmd.Decided(held.key, held.packet.outbound, decision.verdict, decision.permanent, "policy", decision.rule)
         )
-        self.engine.on_verdict(held.id, decision.verdict, decision.permanent, defaulted=True)
+        if self.engine.on_verdict(held.id, decision.verdict, decision.permanent, defaulted=True) and decision.permanent:
+            self._remember(held, "policy", decision.rule)
 
     # -- time ------------------------------------------------------------------------
 
@@ -322,7 +341,8 @@ class Service:
         self._out.append(
             cmd.Decided(held.key, held.packet.outbound, verdict, permanent, "decider", self._name(event.client), to=to)
         )
-        self.engine.on_verdict(held.id, verdict, permanent, target=to)
+        if self.engine.on_verdict(held.id, verdict, permanent, target=to) and permanent:
+            self._remember(held, "decider", self._name(event.client))
 
     def _decision(self, result: object, held: HeldPacket) -> Decision:
         """Check a decide answer for ``held``; ValueError (a protocol error) if it is invalid.
@@ -358,6 +378,7 @@ class Service:
         self.protocol_errors += 1
 
     def _on_left(self, event: ev.ClientLeft, now: float) -> None:
+        self.bandwidth.stop(event.client)
         if self._clients.pop(event.client, None) is not None:
             self._stop_deciding(event.client, now, connected=False)
 
@@ -405,7 +426,7 @@ class Service:
         if protocol != pmk.PROTOCOL_VERSION:
             raise MethodError(ErrorCode.UNSUPPORTED_PROTOCOL, f"this server speaks protocol {pmk.PROTOCOL_VERSION}")
         client = self._clients.setdefault(event.client, _Client())
-        client.name, client.role = name, role
+        client.name, client.role, client.greeted = name, role, True
         if role == "decider":
             self.requests.add_decider(event.client)
         elif event.client in self.requests.load:
@@ -461,6 +482,9 @@ class Service:
     def _apply_update(self, key: ConnKey, verdict: Verdict) -> None:
         self._out.append(cmd.Decided(key, False, verdict, True, "operator", ""))
         self.engine.update_verdict(key, verdict)
+        entry = self.engine.verdicts.peek(key)
+        if entry is not None:
+            entry.by, entry.name = "operator", ""
 
     def _on_kernel_updated(self, event: ev.KernelUpdated, now: float) -> None:
         client, msgid, key, verdict = self._kernel_ops.pop(event.op)
@@ -477,6 +501,85 @@ class Service:
         log.warning("%s failed in the kernel, nothing changed: %s", what, event.message)
         self._out.append(cmd.ReplyError(client, msgid, ErrorCode.INTERNAL, f"kernel not updated: {event.message}"))
 
+    # -- the connection's life (lifecycle.py, bandwidth.py) ------------------------------------
+
+    def _remember(self, held: HeldPacket, by: str, name: str) -> None:
+        """Who decided a connection that just got a cached verdict (for its record)."""
+        entry = self.engine.verdicts.peek(held.key)
+        if entry is not None:
+            entry.by, entry.name = by, name
+            entry.owner = getattr(held, "owner", None)  # set once attribution fills HeldPacket.owner
+
+    def _closing(self, key: ConnKey, entry: CachedVerdict, reset: bool, now: float) -> None:
+        if self._backend.kernel_verdict_cache:
+            return  # the kernel reports ends itself (ConnectionsEnded)
+        end = self.life.closing(key, entry, reset, now)
+        if end is not None:
+            self._ended([end], now)
+
+    def _ended(self, ends: list[lifecycle.End], now: float) -> None:
+        """Tell every client that said hello (SPEC 8, connection_end); the entries are already out of the cache."""
+        if not ends:
+            return
+        greeted = [client for client, known in self._clients.items() if known.greeted]
+        for key, entry, reason in ends:
+            record = lifecycle.record(key, entry, now)
+            record["reason"] = reason
+            for client in greeted:
+                self._out.append(cmd.Notify(client, names.CONNECTION_END, [record]))
+
+    def _on_life_tick(self, event: ev.LifeTick, now: float) -> None:
+        self._life_at = None
+        kernel = self._backend.kernel_verdict_cache
+        if not kernel:
+            self._ended(self.life.due(now), now)
+        due = self.bandwidth.due(now)
+        if not due:
+            return
+        if kernel:
+            clients = tuple(due)
+            self._out.append(cmd.MeasureTraffic(clients, tuple(self.bandwidth.measuring(due))))
+            return
+        for client in due:
+            moved = self.bandwidth.moved_in_cache(client, self.engine.verdicts, now)
+            self._out.append(cmd.Notify(client, names.BANDWIDTH, [bandwidth.entries(moved)]))
+
+    def _on_connections_ended(self, event: ev.ConnectionsEnded, now: float) -> None:
+        cache, ends = self.engine.verdicts, []
+        for key, traffic in event.ends:
+            entry = cache.pop(key)
+            if entry is not None:  # else not cached (evicted, cleared, or never decided permanently)
+                entry.packets_in, entry.packets_out, entry.bytes_in, entry.bytes_out = traffic
+                ends.append((key, entry, "destroyed"))
+        self._ended(ends, now)
+
+    def _on_traffic_measured(self, event: ev.TrafficMeasured, now: float) -> None:
+        for n, client in enumerate(event.clients):
+            if self.bandwidth.measured(client, event.totals):
+                self._out.append(cmd.Notify(client, names.BANDWIDTH, [bandwidth.entries(event.moved[n])]))
+
+    def _arm_life_timer(self, now: float) -> None:
+        """Arm the life timer when something is due earlier than it is armed for."""
+        times = [self.bandwidth.next_due()]
+        if not self._backend.kernel_verdict_cache:
+            times.append(self.life.next_sweep(now))
+        at = min((t for t in times if t is not None), default=None)
+        if at is not None and (self._life_at is None or at < self._life_at):
+            self._life_at = at
+            self._out.append(cmd.ArmLifeTimer(at))
+
+    def _list_connections(self, event: ev.ClientRequest, now: float) -> Any:
+        offset, limit = lifecycle.check_list(event.params)
+        cache = self.engine.verdicts
+        page = islice(cache.oldest(), offset, offset + limit)
+        return {"total": len(cache), "connections": [lifecycle.record(key, entry, now) for key, entry in page]}
+
+    def _subscribe(self, event: ev.ClientRequest, now: float) -> Any:
+        interval = bandwidth.check_subscribe(event.params)
+        kernel = self._backend.kernel_verdict_cache
+        self.bandwidth.subscribe(event.client, interval, now, self.engine.verdicts, kernel)
+        return True
+
     # -- start and end ------------------------------------------------------------------------
 
     def _on_preaccept(self, event: ev.Preaccept, now: float) -> None:
@@ -484,6 +587,9 @@ class Service:
         for key in event.keys:
             # Which side opened it is unknown: recorded as inbound.
             self._out.append(cmd.Decided(key, False, Verdict.ACCEPT, True, "existing", ""))
+            entry = self.engine.verdicts.peek(key)
+            if entry is not None:
+                entry.by = "existing"
 
     def _on_shutdown(self, event: ev.Shutdown, now: float) -> None:
         requests = self.requests
@@ -507,6 +613,8 @@ _METHODS: Mapping[str, Callable[[Service, ev.ClientRequest, float], Any]] = {
     names.GET_VERSION: Service._get_version,
     names.CLEAR_CACHE: Service._clear_cache,
     names.UPDATE_VERDICT: Service._update_verdict,
+    names.LIST_CONNECTIONS: Service._list_connections,
+    names.SUBSCRIBE: Service._subscribe,
 }
 
 

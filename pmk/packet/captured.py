@@ -50,8 +50,9 @@ class CapturedPacket:
 # never per packet, so the event loop is not entered once per packet.
 PacketSink = Callable[[list[CapturedPacket]], None]
 
-# A run of consecutive packets of one IPv4 connection: (key, packet count, byte count).
-CacheRun = tuple[KeyTuple, int, int]
+# A run of consecutive packets of one IPv4 connection in one direction:
+# (key, packet count, byte count, outbound).
+CacheRun = tuple[KeyTuple, int, int, bool]
 # Given a batch as runs, True (and counted) when every run's connection is
 # cached as accepted: the backend may then re-inject the batch untouched.
 CacheProbe = Callable[[list[CacheRun]], bool]

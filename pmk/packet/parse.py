@@ -133,8 +133,10 @@ def simple_ipv4_key(raw: bytes, outbound: bool) -> KeyTuple | None:
 def simple_ipv4_runs(buf: bytearray, total: int, outbound: Iterable[int]) -> list[CacheRun] | None:
     """Packets packed back to back in ``buf[:total]`` as runs of one connection each.
 
-    ``outbound`` gives one truth value per packet. None unless every packet is
-    simple and the IP lengths add up to ``total`` exactly. The test is
+    ``outbound`` gives one truth value per packet; a run is (key, packets,
+    bytes, outbound). None unless every packet is simple and the IP lengths
+    add up to ``total`` exactly, and None for a batch with a TCP FIN or RST
+    (rare: the per-packet path notes connection ends). The test is
     ``simple_ipv4_key``'s, written out over the buffer: only a 12-byte slice
     is taken per packet, and a key is built once per run, so a batch that
     turns out to be cached costs no per-packet object.
@@ -155,10 +157,12 @@ def simple_ipv4_runs(buf: bytearray, total: int, outbound: Iterable[int]) -> lis
             return None
         length = buf[offset + 2] << 8 | buf[offset + 3]
         end = offset + length if length else total  # a GSO aggregate may carry 0: it fills the rest
+        if proto == TCP and (end < offset + 40 or end > total or buf[offset + 33] & 0x05):
+            return None  # FIN or RST (byte 13 of the TCP header), or a cut TCP header
         ends = buf[offset + 12 : offset + 24]  # source, destination, source port, destination port
         if ends != last or proto != last_proto or out != last_out:
             if n:
-                append((key, n, size))
+                append((key, n, size, last_out))
                 n = size = 0
             last, last_proto, last_out = ends, proto, out
             src, dst = bytes(ends[0:4]), bytes(ends[4:8])
@@ -169,5 +173,5 @@ def simple_ipv4_runs(buf: bytearray, total: int, outbound: Iterable[int]) -> lis
         offset = end
     if offset != total or not n:
         return None
-    append((key, n, size))
+    append((key, n, size, last_out))
     return runs

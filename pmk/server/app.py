@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import pmk
-from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError
+from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError, Traffic
 from pmk.config import ServeConfig
 from pmk.core import commands as cmd
 from pmk.core import events as ev
@@ -32,6 +33,9 @@ from pmk.verdicts import ConnKey, RerouteTargets
 
 log = logging.getLogger(__name__)
 decisions = logging.getLogger("pmk.decisions")
+T = TypeVar("T")
+#: What ``CaptureBackend.traffic_since`` returns: the kernel's totals and the deltas.
+Measured = tuple[Mapping[ConnKey, Traffic], list[Mapping[ConnKey, Traffic]]]
 
 
 class Server:
@@ -57,10 +61,12 @@ class Server:
             started=clock(),
             targets=RerouteTargets(config.nameservers, config.tunnels),
             reroutable=backend.reroutable if backend.can_reroute else None,
+            idle_timeout=config.idle_timeout,
         )
         self.sessions: dict[int, ClientSession] = {}
         self._next_session = 1
         self._timer: asyncio.TimerHandle | None = None
+        self._life_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: asyncio.AbstractServer | None = None
         # One worker: kernel updates run in the order they were asked for.
@@ -83,6 +89,7 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._listener = await endpoint.listen(self.config, self._new_session)
         self.backend.cache_probe = self.service.accept_cached
+        self.backend.on_ended = self._on_ended
         before = set(existing(False)) if existing is not None else set()
         if before:
             self._run([ev.Preaccept(tuple(before))])
@@ -97,9 +104,10 @@ class Server:
     async def stop(self) -> None:
         """The fallback policy for everything held, then release backend and endpoint."""
         self._run([ev.Shutdown()])
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._life_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._life_timer = None
         self.bypass_watch.stop()
         if self._kernel_worker is not None:
             self._kernel_worker.shutdown(wait=False, cancel_futures=True)
@@ -151,6 +159,24 @@ class Server:
         self._timer = None
         self._run((ev.Tick(),))
 
+    def _on_life_timer(self) -> None:
+        self._life_timer = None
+        self._run((ev.LifeTick(),))
+
+    def _on_ended(self, ends: list[tuple[ConnKey, Traffic]]) -> None:
+        self._run((ev.ConnectionsEnded(tuple(ends)),))
+
+    def _measured(self, clients: tuple[int, ...], future: Future[Measured]) -> None:
+        if future.cancelled():
+            return  # shutting down
+        error = future.exception()
+        if error is not None:
+            log.warning("bandwidth: the kernel's counters could not be read: %s", error)
+            self._run((ev.TrafficMeasured(clients, None, ()),))
+            return
+        totals, moved = future.result()
+        self._run((ev.TrafficMeasured(clients, totals, tuple(moved)),))
+
     def _kernel_done(self, op: int, future: Future[None]) -> None:
         if future.cancelled():
             return  # shutting down
@@ -182,6 +208,12 @@ class Server:
                     self.on_decided(command)
                 case cmd.ArmTimer(at):
                     self._arm_timer(at)
+                case cmd.ArmLifeTimer(at):
+                    self._arm_life_timer(at)
+                case cmd.MeasureTraffic(clients, previous):
+                    self._submit(self.backend.traffic_since, previous).add_done_callback(
+                        self._reporter(lambda done: self._measured(clients, done))
+                    )
                 case cmd.UpdateConnection(op, key, verdict):
                     self._in_worker(op, self.backend.update_connection, key, verdict)
                 case cmd.ForgetConnections(op):
@@ -211,19 +243,33 @@ class Server:
             self._timer.cancel()
         self._timer = self._loop.call_later(max(0.0, at - self._clock()), self._on_timer)
 
+    def _arm_life_timer(self, at: float) -> None:
+        if self._loop is None:
+            return
+        if self._life_timer is not None:
+            self._life_timer.cancel()
+        self._life_timer = self._loop.call_later(max(0.0, at - self._clock()), self._on_life_timer)
+
     def _in_worker(self, op: int, call: Callable[..., None], *args: object) -> None:
         """Run a blocking kernel update off the event loop; its end comes back as an event."""
-        assert self._loop is not None
+        self._submit(call, *args).add_done_callback(self._reporter(lambda done: self._kernel_done(op, done)))
+
+    def _submit(self, call: Callable[..., T], *args: object) -> Future[T]:
+        """Run a blocking kernel call in the one kernel worker (calls run in the order they were asked for)."""
         if self._kernel_worker is None:
             self._kernel_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pmk-kernel")
-        future = self._kernel_worker.submit(call, *args)
+        return self._kernel_worker.submit(call, *args)
+
+    def _reporter(self, then: Callable[[Future[T]], None]) -> Callable[[Future[T]], None]:
+        """A done-callback that hands the finished future to ``then`` on the event loop."""
         loop = self._loop
+        assert loop is not None
 
-        def report(done: Future[None]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop closed while the update ran
-                loop.call_soon_threadsafe(self._kernel_done, op, done)
+        def report(done: Future[T]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while the call ran
+                loop.call_soon_threadsafe(then, done)
 
-        future.add_done_callback(report)
+        return report
 
     # -- reading -------------------------------------------------------------
 
