@@ -180,6 +180,7 @@ class Engine:
 
     def _tcp_end(self, key: ConnKey, entry: CachedVerdict, flags: int, outbound: bool) -> None:
         """A cached TCP connection's packet with FIN or RST: note how far its end has got."""
+        key = ConnKey(*key)  # the fast path's plain tuple, for the record
         if flags & _RST:
             self.outbox.closing.append((key, entry, True))
             return
