@@ -423,8 +423,11 @@ class Session:
             await self.proc.stdin.drain()
             return await _read_json(self.proc, f"session {op} in {self.name}")
 
-    async def tcp_connect(self, host: str, port: int, id: str = "tcp", timeout: float = WAIT) -> dict[str, Any]:
-        return await self.command("tcp_connect", id=id, host=host, port=port, timeout=timeout)
+    async def tcp_connect(
+        self, host: str, port: int, id: str = "tcp", timeout: float = WAIT, bind_port: int = 0
+    ) -> dict[str, Any]:
+        """Connect (from ``bind_port`` if given)."""
+        return await self.command("tcp_connect", id=id, host=host, port=port, timeout=timeout, bind_port=bind_port)
 
     async def udp_query(self, host: str, port: int, data: str, timeout: float = WAIT) -> dict[str, Any]:
         """Send one datagram from a fresh unconnected socket; the answer and its source (``from``)."""
@@ -447,8 +450,9 @@ class Session:
         """``count`` datagrams, each from a new socket (a new source port, so a new connection)."""
         return await self.command("udp_burst", host=host, port=port, count=count, data=data)
 
-    async def close_socket(self, id: str) -> dict[str, Any]:
-        return await self.command("close", id=id)
+    async def close_socket(self, id: str, reset: bool = False) -> dict[str, Any]:
+        """Close; with ``reset`` by a TCP RST (SO_LINGER 0) instead of a FIN."""
+        return await self.command("close", id=id, reset=reset)
 
     async def transfer(
         self, host: str, port: int, size: int, seed: str = "pmk", timeout: float = WAIT

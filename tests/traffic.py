@@ -24,6 +24,7 @@ import errno
 import hashlib
 import json
 import socket
+import struct
 import sys
 import threading
 from typing import Any
@@ -134,10 +135,13 @@ class Session:
     def __init__(self) -> None:
         self.socks: dict[str, socket.socket] = {}
 
-    def op_tcp_connect(self, id: str, host: str, port: int, timeout: float) -> dict[str, Any]:
+    def op_tcp_connect(self, id: str, host: str, port: int, timeout: float, bind_port: int = 0) -> dict[str, Any]:
         sock = socket.socket(_family(host), socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
+            if bind_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("", bind_port))
             sock.connect((host, port))
         except OSError:
             sock.close()
@@ -198,8 +202,11 @@ class Session:
                 sock.close()
         return {"ok": True, "source_ports": len(ports)}
 
-    def op_close(self, id: str) -> dict[str, Any]:
-        self.socks.pop(id).close()
+    def op_close(self, id: str, reset: bool = False) -> dict[str, Any]:
+        sock = self.socks.pop(id)
+        if reset:  # SO_LINGER with 0 seconds: close sends a RST
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
         return {"ok": True}
 
     def op_transfer(self, host: str, port: int, size: int, seed: str, timeout: float) -> dict[str, Any]:
