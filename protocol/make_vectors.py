@@ -278,7 +278,7 @@ def valid_vectors() -> list[dict[str, Any]]:
             "unknown_method_answer",
             "server",
             "answer to a request for a method the server does not have",
-            response(7, err("unknown_method", "no method 'list_connections'"), None),
+            response(7, err("unknown_method", "no method 'watch_packets'"), None),
         ),
         (
             "unknown_notification",
@@ -498,7 +498,14 @@ def call_vectors() -> list[dict[str, Any]]:
             error("invalid_params"),
         ),
         call("update_verdict_no_conn", "update_verdict", ["tcp", "block"], error("invalid_params")),
-        call("unknown_method", "list_connections", [], error("unknown_method")),
+        call("list_connections", "list_connections", [], {"result": {"total": 0, "connections": []}}),
+        call("list_connections_page", "list_connections", [{"offset": 5, "limit": 10}], {"result_has": {"total": 0}}),
+        call("list_connections_limit", "list_connections", [{"limit": 1001}], error("invalid_params")),
+        call("subscribe_bandwidth", "subscribe", ["bandwidth", 1.5], {"result": True}),
+        call("subscribe_stop", "subscribe", ["bandwidth", 0], {"result": True}),
+        call("subscribe_too_often", "subscribe", ["bandwidth", 0.01], error("invalid_params")),
+        call("subscribe_unknown_topic", "subscribe", ["latency", 1], error("invalid_params")),
+        call("unknown_method", "watch_packets", [], error("unknown_method")),
     ]
 
 
