@@ -27,10 +27,9 @@ from pmk.verdicts import REROUTE_VERDICTS, ConnKey, Target, Verdict
 
 #: One group of packets that got one verdict: (packets, verdict, permanent, a reroute's target).
 Apply = tuple[list[CapturedPacket], Verdict, bool, Target | None]
-# TCP flags that end a connection (FIN, RST); at byte 33 of a simple IPv4 packet.
+# TCP flags that end a connection (FIN, RST).
 _FIN, _RST = 0x01, 0x04
 _ENDS = _FIN | _RST
-_SIMPLE_TCP_FLAGS = 33
 
 
 class Outbox:
@@ -100,30 +99,32 @@ class Engine:
         last_key: KeyTuple | None = None
         entry = None
         hits = captured = 0
-        # this run's hits per direction: packets in, packets out, bytes in, bytes out
+        # this run's hits per direction (added to its entry, and to hits, when the run ends)
         p_in = p_out = b_in = b_out = 0
         for packet in packets:
             captured += 1
             raw = packet.raw
-            fast = simple_ipv4_key(raw, packet.outbound)
+            outbound = packet.outbound
+            fast = simple_ipv4_key(raw, outbound)
             if fast is not None:
                 key = fast
                 if key != last_key:
                     if entry is not None:
                         _add(entry, p_in, p_out, b_in, b_out)
+                        hits += p_in + p_out
                         p_in = p_out = b_in = b_out = 0
                     entry = lookup(key)  # type: ignore[arg-type]
                     last_key = key if entry is not None else None
                 if entry is not None:
-                    hits += 1
-                    if packet.outbound:
+                    if outbound:
                         p_out += 1
                         b_out += len(raw)
                     else:
                         p_in += 1
                         b_in += len(raw)
-                    if raw[9] == TCP and len(raw) > _SIMPLE_TCP_FLAGS and raw[_SIMPLE_TCP_FLAGS] & _ENDS:
-                        self._tcp_end(key, entry, raw[_SIMPLE_TCP_FLAGS], packet.outbound)  # type: ignore[arg-type]
+                    # TCP (6) with FIN or RST (0x05) at byte 33 of a simple packet: literals, this is per packet
+                    if raw[9] == 6 and len(raw) > 33 and raw[33] & 0x05:
+                        self._tcp_end(key, entry, raw[33], outbound)  # type: ignore[arg-type]
                     if entry.verdict is accept:
                         accepted.append(packet)
                     else:
@@ -134,18 +135,18 @@ class Engine:
                 counters.unparsed += 1
                 self.outbox.unparsed.append(packet)
                 continue
-            key = flow.key(packet.outbound)
+            key = flow.key(outbound)
             # A fast-path packet got here because its key is not cached: no second lookup.
             hit = None if fast is not None else lookup(key)
             if hit is not None:
-                if packet.outbound:
+                if outbound:
                     _add(hit, 0, 1, 0, len(raw))
                 else:
                     _add(hit, 1, 0, len(raw), 0)
                 counters.cache_hits += 1
                 flags_at = flow.transport_offset + 13
                 if flow.protocol == TCP and len(raw) > flags_at and raw[flags_at] & _ENDS:
-                    self._tcp_end(key, hit, raw[flags_at], packet.outbound)
+                    self._tcp_end(key, hit, raw[flags_at], outbound)
                 if hit.verdict is accept:
                     accepted.append(packet)
                 else:
@@ -158,12 +159,12 @@ class Engine:
             # A verdict for this key may now be cached; the next packet looks it up anew.
             if entry is not None:
                 _add(entry, p_in, p_out, b_in, b_out)
-                p_in = p_out = b_in = b_out = 0
-                counters.cache_hits += hits
-                hits = 0
+                counters.cache_hits += hits + p_in + p_out
+                hits = p_in = p_out = b_in = b_out = 0
             last_key = entry = None
         if entry is not None:
             _add(entry, p_in, p_out, b_in, b_out)
+            hits += p_in + p_out
         counters.captured += captured
         counters.cache_hits += hits
         permanent = self.hits_permanent

@@ -148,29 +148,37 @@ def simple_ipv4_runs(buf: bytearray, total: int, outbound: Iterable[int]) -> lis
     last_out = False
     key: KeyTuple = (0, b"", 0, b"", 0)
     n = size = offset = 0
-    for flag in outbound:
-        out = bool(flag)
-        if offset + 24 > total or buf[offset] != 0x45:
-            return None
-        proto = buf[offset + 9]
-        if (proto != TCP and proto != UDP) or buf[offset + 6] & 0x1F or buf[offset + 7]:
-            return None
-        length = buf[offset + 2] << 8 | buf[offset + 3]
-        end = offset + length if length else total  # a GSO aggregate may carry 0: it fills the rest
-        if proto == TCP and (end < offset + 40 or end > total or buf[offset + 33] & 0x05):
-            return None  # FIN or RST (byte 13 of the TCP header), or a cut TCP header
-        ends = buf[offset + 12 : offset + 24]  # source, destination, source port, destination port
-        if ends != last or proto != last_proto or out != last_out:
-            if n:
-                append((key, n, size, last_out))
-                n = size = 0
-            last, last_proto, last_out = ends, proto, out
-            src, dst = bytes(ends[0:4]), bytes(ends[4:8])
-            sport, dport = ends[8] << 8 | ends[9], ends[10] << 8 | ends[11]
-            key = (proto, src, sport, dst, dport) if out else (proto, dst, dport, src, sport)
-        n += 1
-        size += end - offset
-        offset = end
+    try:
+        for flag in outbound:
+            out = bool(flag)
+            if offset + 24 > total or buf[offset] != 0x45:
+                return None
+            proto = buf[offset + 9]
+            # Literals, as this runs per packet: TCP (6) without FIN or RST (0x05 in byte 13 of its
+            # header; a packet too short for one reads the next packet's byte: a harmless None), or UDP (17).
+            if proto == 6:
+                if buf[offset + 33] & 0x05:
+                    return None
+            elif proto != 17:
+                return None
+            if buf[offset + 6] & 0x1F or buf[offset + 7]:
+                return None
+            length = buf[offset + 2] << 8 | buf[offset + 3]
+            end = offset + length if length else total  # a GSO aggregate may carry 0: it fills the rest
+            ends = buf[offset + 12 : offset + 24]  # source, destination, source port, destination port
+            if ends != last or proto != last_proto or out != last_out:
+                if n:
+                    append((key, n, size, last_out))
+                    n = size = 0
+                last, last_proto, last_out = ends, proto, out
+                src, dst = bytes(ends[0:4]), bytes(ends[4:8])
+                sport, dport = ends[8] << 8 | ends[9], ends[10] << 8 | ends[11]
+                key = (proto, src, sport, dst, dport) if out else (proto, dst, dport, src, sport)
+            n += 1
+            size += end - offset
+            offset = end
+    except IndexError:  # a cut packet at the very end of the buffer
+        return None
     if offset != total or not n:
         return None
     append((key, n, size, last_out))
