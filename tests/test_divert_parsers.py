@@ -79,6 +79,14 @@ def test_a_tcp_fin_or_reset_spoils_the_batch_so_the_per_packet_path_sees_the_end
     assert runs_of((data, True), (tcp(A, B, 4000, 80, flags=flags), True)) is None
 
 
+def test_a_short_tcp_packet_at_the_very_end_of_the_buffer_spoils_the_batch_without_an_error() -> None:
+    data = tcp(A, B, 4000, 80, flags=ACK)
+    short = bytearray(data[:24])
+    short[2:4] = (24).to_bytes(2, "big")
+    buf = bytearray(data + bytes(short))  # no spare room after the packets
+    assert simple_ipv4_runs(buf, len(buf), [True, True]) is None
+
+
 def test_lengths_that_do_not_add_up_spoil_the_batch() -> None:
     packet = udp(A, B, 4000, 53)
     buf, total, _ = batch((packet, True), (packet, True))

@@ -92,6 +92,8 @@ STATS: tuple[Stat, ...] = (
     Stat("rules_check_errors", C, _B, "rules watchdog checks that iptables could not answer"),
     Stat("fail_open", G, _B, "1 when the kernel passes packets pmk does not read (nfqueue)"),
     Stat("received", C, _B, "packets read from the kernel queue"),
+    Stat("conntrack_events", C, _B, "ends of decided connections read from conntrack (nfqueue)"),
+    Stat("conntrack_events_lost", C, _B, "conntrack event buffer overflows: some ends were not seen"),
     Stat("batches", C, _B, "reads from the kernel queue"),
     Stat("verdict_errors", C, _B, "verdicts the kernel refused"),
     Stat("flows_created", C, _B, "kernel flow entries made for permanent non-accept verdicts"),
