@@ -222,6 +222,31 @@ def test_list_connections_pages_through_the_cache_least_recently_active_first() 
     assert list_call(svc, {"offset": 9}).result == {"total": 4, "connections": []}  # type: ignore[union-attr]
 
 
+def test_on_the_kernel_fast_path_list_connections_answers_with_the_kernels_counters() -> None:
+    svc = make(kernel=True)
+    with_clients(svc)
+    decide(svc, tcp_in(5004, SYN))
+    decide(svc, tcp_in(5005, SYN), verdict="drop")
+    out = svc.handle(ev.ClientRequest(2, 7, "list_connections", [{"limit": 1}]), now=3.0)
+    (read,) = of(cmd.ReadTotals, out)
+    assert of(cmd.Reply, out) == []  # the answer waits for the kernel
+    out = svc.handle(ev.TotalsRead(read.op, {tcp_key(5004): (3, 4, 300, 400), tcp_key(9): (1, 1, 1, 1)}), now=3.5)
+    (reply,) = of(cmd.Reply, out)
+    assert (reply.client, reply.msgid, reply.result["total"]) == (2, 7, 2)
+    (record,) = reply.result["connections"]
+    assert [record[k] for k in ("remote_port", "packets_in", "packets_out", "bytes_in", "bytes_out")] == [
+        5004,
+        3,
+        4,
+        300,
+        400,
+    ]
+    # A failed read still answers, with pmk's own counters (0: the kernel carried the packets).
+    (read,) = of(cmd.ReadTotals, svc.handle(ev.ClientRequest(2, 8, "list_connections", []), now=4.0))
+    (reply,) = of(cmd.Reply, svc.handle(ev.TotalsRead(read.op, None), now=4.1))
+    assert [(r["remote_port"], r["bytes_in"]) for r in reply.result["connections"]] == [(5004, 0), (5005, 0)]
+
+
 @pytest.mark.parametrize(
     "params", [[{"limit": 1001}], [{"offset": -1}], [{"limit": "10"}], [[]], [{}, {}], [{"offset": True}]]
 )

@@ -108,6 +108,13 @@ class MeasureTraffic:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadTotals:
+    """Read the kernel's totals of every decided connection (blocking: off the loop); report TotalsRead ``op``."""
+
+    op: int
+
+
+@dataclass(frozen=True, slots=True)
 class Decided:
     """A connection (or, for a temporary verdict, one packet) was decided: for the decision log."""
 
@@ -135,5 +142,6 @@ Command = (
     | ArmTimer
     | ArmLifeTimer
     | MeasureTraffic
+    | ReadTotals
     | Decided
 )

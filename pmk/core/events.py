@@ -135,6 +135,14 @@ class TrafficMeasured:
 
 
 @dataclass(frozen=True, slots=True)
+class TotalsRead:
+    """A ``ReadTotals`` finished: every decided connection's kernel totals (None: the read failed)."""
+
+    op: int
+    totals: Mapping[ConnKey, tuple[int, int, int, int]] | None
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """Settle everything held with the fallback policy; nothing is asked any more."""
 
@@ -156,5 +164,6 @@ Event = (
     | LifeTick
     | ConnectionsEnded
     | TrafficMeasured
+    | TotalsRead
     | Shutdown
 )

@@ -93,9 +93,15 @@ class Lifecycle:
         return min(times) if times else None
 
 
-def record(key: ConnKey, entry: CachedVerdict, now: float) -> dict[str, Any]:
-    """A connection record of SPEC 4 (``list_connections``; ``connection_end`` adds ``reason``)."""
+def record(
+    key: ConnKey, entry: CachedVerdict, now: float, traffic: tuple[int, int, int, int] | None = None
+) -> dict[str, Any]:
+    """A connection record of SPEC 4 (``list_connections``; ``connection_end`` adds ``reason``).
+
+    ``traffic`` (packets in, out, bytes in, out) replaces the entry's own counters: the kernel's.
+    """
     owner = entry.owner
+    packets_in, packets_out, bytes_in, bytes_out = traffic if traffic is not None else entry.counters()
     return {
         "protocol": key.protocol,
         "local_ip": ip_text(key.local_ip),
@@ -108,10 +114,10 @@ def record(key: ConnKey, entry: CachedVerdict, now: float) -> dict[str, Any]:
         "pid": owner.pid if owner is not None else None,
         "process": owner.process if owner is not None else None,
         "uid": owner.uid if owner is not None else None,
-        "packets_in": entry.packets_in,
-        "packets_out": entry.packets_out,
-        "bytes_in": entry.bytes_in,
-        "bytes_out": entry.bytes_out,
+        "packets_in": packets_in,
+        "packets_out": packets_out,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
         "age": round(max(0.0, now - entry.created), 3),
     }
 

@@ -132,6 +132,8 @@ class Service:
         self.life = lifecycle.Lifecycle(self.engine.verdicts, idle_timeout, REDIRECT_LINGER)
         self.bandwidth = bandwidth.Bandwidth()
         self._life_at: float | None = None
+        #: list_connections waiting for the kernel's totals: op -> (client, msgid, offset, limit)
+        self._list_ops: dict[int, tuple[int, int, int, int]] = {}
         self._handlers: dict[type, Callable[[Any, float], None]] = {
             ev.PacketsCaptured: self._on_packets,
             ev.Tick: self._on_tick,
@@ -149,6 +151,7 @@ class Service:
             ev.LifeTick: self._on_life_tick,
             ev.ConnectionsEnded: self._on_connections_ended,
             ev.TrafficMeasured: self._on_traffic_measured,
+            ev.TotalsRead: self._on_totals_read,
             ev.Shutdown: self._on_shutdown,
         }
 
@@ -570,9 +573,31 @@ class Service:
 
     def _list_connections(self, event: ev.ClientRequest, now: float) -> Any:
         offset, limit = lifecycle.check_list(event.params)
+        if not self._backend.kernel_verdict_cache:
+            return self._connections(offset, limit, now, None)
+        # The kernel carries the packets: its counters are read first (off the loop).
+        op = self._next_op
+        self._next_op += 1
+        self._list_ops[op] = (event.client, event.msgid, offset, limit)
+        self._out.append(cmd.ReadTotals(op))
+        return _LATER
+
+    def _on_totals_read(self, event: ev.TotalsRead, now: float) -> None:
+        client, msgid, offset, limit = self._list_ops.pop(event.op)
+        if event.totals is None:
+            log.warning("list_connections: the kernel's counters could not be read; sending pmk's own")
+        self._out.append(cmd.Reply(client, msgid, self._connections(offset, limit, now, event.totals)))
+
+    def _connections(
+        self, offset: int, limit: int, now: float, totals: Mapping[ConnKey, tuple[int, int, int, int]] | None
+    ) -> dict[str, Any]:
+        """A list_connections result; ``totals``: the kernel's counters, where it carries the packets."""
         cache = self.engine.verdicts
         page = islice(cache.oldest(), offset, offset + limit)
-        return {"total": len(cache), "connections": [lifecycle.record(key, entry, now) for key, entry in page]}
+        records = [
+            lifecycle.record(key, entry, now, totals.get(key) if totals is not None else None) for key, entry in page
+        ]
+        return {"total": len(cache), "connections": records}
 
     def _subscribe(self, event: ev.ClientRequest, now: float) -> Any:
         interval = bandwidth.check_subscribe(event.params)

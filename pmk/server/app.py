@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -177,6 +178,14 @@ class Server:
         totals, moved = future.result()
         self._run((ev.TrafficMeasured(clients, totals, tuple(moved)),))
 
+    def _totals_read(self, op: int, future: Future[Measured]) -> None:
+        if future.cancelled():
+            return  # shutting down
+        error = future.exception()
+        if error is not None:
+            log.warning("list_connections: the kernel's counters could not be read: %s", error)
+        self._run((ev.TotalsRead(op, None if error is not None else future.result()[0]),))
+
     def _kernel_done(self, op: int, future: Future[None]) -> None:
         if future.cancelled():
             return  # shutting down
@@ -210,9 +219,13 @@ class Server:
                     self._arm_timer(at)
                 case cmd.ArmLifeTimer(at):
                     self._arm_life_timer(at)
+                case cmd.ReadTotals(op):
+                    self._submit(self.backend.traffic_since, ()).add_done_callback(
+                        self._reporter(functools.partial(self._totals_read, op))
+                    )
                 case cmd.MeasureTraffic(clients, previous):
                     self._submit(self.backend.traffic_since, previous).add_done_callback(
-                        self._reporter(lambda done: self._measured(clients, done))
+                        self._reporter(functools.partial(self._measured, clients))
                     )
                 case cmd.UpdateConnection(op, key, verdict):
                     self._in_worker(op, self.backend.update_connection, key, verdict)
