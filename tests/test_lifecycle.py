@@ -145,6 +145,20 @@ def test_one_fin_is_no_end() -> None:
     assert tcp_key(5001) in svc.engine.verdicts
 
 
+def test_connections_that_leave_the_cache_otherwise_get_no_end() -> None:
+    svc = make()
+    with_clients(svc)
+    decide(svc, tcp_in(5006, SYN))
+    svc.handle(ev.PacketsCaptured([tcp_out(5006, FIN | ACK), tcp_in(5006, FIN | ACK)]), now=1.0)
+    out = svc.handle(ev.ClientRequest(2, 4, "clear_cache", []), now=2.0)
+    assert [r.result for r in of(cmd.Reply, out)] == [1]
+    assert ends(svc.handle(ev.LifeTick(), now=1.0 + REDIRECT_LINGER)) == {}
+    # Re-decided under the same key after the close: the new connection is not ended by the old close.
+    decide(svc, tcp_in(5006, SYN), now=3.0)
+    assert ends(svc.handle(ev.LifeTick(), now=3.0 + REDIRECT_LINGER)) == {}
+    assert tcp_key(5006) in svc.engine.verdicts
+
+
 def test_a_reset_ends_the_connection_at_once_after_it_passed() -> None:
     svc = make()
     with_clients(svc)

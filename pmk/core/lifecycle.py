@@ -24,7 +24,7 @@ from pmk.core.verdict_cache import CachedVerdict, VerdictCache
 from pmk.rpc import names
 from pmk.verdicts import ConnKey, ip_text
 
-#: At most this many idle connections are ended per sweep (the rest next time).
+#: At most this many connections are looked at (and ended) per sweep; the rest right after.
 ENDS_PER_SWEEP = 1024
 #: Sweeps come at least this often while connections are cached: lookups stamp
 #: entries with the time of the latest event, so this bounds how stale that is.
@@ -63,21 +63,24 @@ class Lifecycle:
         cache = self.cache
         ended: list[End] = []
         closing = self._closing
-        while closing and closing[0][0] <= now and len(ended) < ENDS_PER_SWEEP:
+        work = 0  # entries looked at, ended or not
+        while closing and closing[0][0] <= now and work < ENDS_PER_SWEEP:
             _, key, entry = closing.popleft()
+            work += 1
             if cache.peek(key) is entry:  # not evicted, cleared or re-decided meanwhile
                 cache.pop(key)
                 ended.append((key, entry, "closed"))
         idle_before = now - self.idle_timeout
         idle: list[tuple[ConnKey, CachedVerdict]] = []
         for key, entry in cache.oldest():
-            if entry.seen > idle_before or len(ended) + len(idle) >= ENDS_PER_SWEEP:
+            if entry.seen > idle_before or work >= ENDS_PER_SWEEP:
                 break
             idle.append((key, entry))
+            work += 1
         for key, entry in idle:
             cache.pop(key)
             ended.append((key, entry, "idle"))
-        self._backlog = len(ended) >= ENDS_PER_SWEEP
+        self._backlog = work >= ENDS_PER_SWEEP
         return ended
 
     def next_sweep(self, now: float) -> float | None:
