@@ -83,6 +83,8 @@ class ConnRecord(Conn, total=False):
     bytes_in: int
     bytes_out: int
     age: float
+    #: for a rerouted connection: where it goes, "ADDR:PORT"
+    to: str
 
 
 class ConnectionEnd(ConnRecord, total=False):

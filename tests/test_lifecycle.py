@@ -14,13 +14,14 @@ import pytest
 from pmk.config import REDIRECT_LINGER
 from pmk.core import commands as cmd
 from pmk.core import events as ev
-from pmk.core.lifecycle import ENDS_PER_SWEEP
+from pmk.core.lifecycle import ENDS_PER_SWEEP, record
 from pmk.core.policy import default_only
 from pmk.core.service import Service
+from pmk.core.verdict_cache import VerdictCache
 from pmk.packet.captured import CapturedPacket
 from pmk.rpc.messages import ErrorCode
 from pmk.rpc.names import BANDWIDTH, CONNECTION_END
-from pmk.verdicts import ConnKey, Verdict
+from pmk.verdicts import ConnKey, Target, Verdict
 from tests.packets import ACK, FIN, RST, SYN, tcp, udp
 from tests.test_service import A, B, FakeBackend, hello, of
 
@@ -349,3 +350,11 @@ def test_kernel_bandwidth_comes_from_dumps_the_first_being_the_baseline() -> Non
     assert len(of(cmd.MeasureTraffic, svc.handle(ev.LifeTick(), now=5.6))) == 1
     assert bandwidth(svc.handle(ev.TrafficMeasured((1,), None, ()), now=5.7), 1) == []
     assert len(of(cmd.MeasureTraffic, svc.handle(ev.LifeTick(), now=7.6))) == 1
+
+
+def test_a_rerouted_connections_record_says_where_it_goes() -> None:
+    cache = VerdictCache(4)
+    entry = cache.put(udp_key(53), Verdict.REROUTE_TO_NAMESERVER, Target.parse("127.0.0.1:5353"))
+    got = record(udp_key(53), entry, now=1.0)
+    assert (got["verdict"], got["to"]) == ("reroute_to_nameserver", "127.0.0.1:5353")
+    assert "to" not in record(udp_key(54), cache.put(udp_key(54), Verdict.ACCEPT), now=1.0)

@@ -34,8 +34,8 @@ from typing import Any, cast
 from pmk.capture import netfilter_rules as rules
 from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError, PacketSink, Traffic
 from pmk.capture.conntrack import ConntrackError, ConntrackMarks
-from pmk.capture.nat_rules import DEFAULT_TARGET_MASK, NatRuleSet, is_first_packet
 from pmk.capture.ctevents import ConntrackEvents, Counters, Ended, LocalAddresses, dump_marked, traffic_since
+from pmk.capture.nat_rules import DEFAULT_TARGET_MASK, NatRuleSet, is_first_packet
 from pmk.config import DEFAULT_QUEUE_MAXLEN
 from pmk.errors import PmkError, UsageError
 from pmk.packet.parse import TCP, UDP, parse_flow

@@ -105,7 +105,7 @@ def record(
     """
     owner = entry.owner
     packets_in, packets_out, bytes_in, bytes_out = traffic if traffic is not None else entry.counters()
-    return {
+    described = {
         "protocol": key.protocol,
         "local_ip": ip_text(key.local_ip),
         "local_port": key.local_port,
@@ -123,6 +123,9 @@ def record(
         "bytes_out": bytes_out,
         "age": round(max(0.0, now - entry.created), 3),
     }
+    if entry.target is not None:
+        described["to"] = str(entry.target)  # where a reroute sends it
+    return described
 
 
 def check_list(params: list[Any]) -> tuple[int, int]:
