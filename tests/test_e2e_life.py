@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pmk.client import Client
+from pmk.client import Client, run_observer
 from tests.harness import BACKENDS, WAIT, Testbed, eventually, needs_root, netns
 
 pytestmark = [netns, needs_root]
@@ -149,6 +149,18 @@ async def test_bandwidth_notifications_carry_a_transfer_in_deltas(backend: str) 
         watcher, _, bandwidth = await observer(bed)
         await bed.decider()
         await watcher.subscribe_bandwidth(0.2)
+        # The client library's observer loop subscribes too, at its own interval.
+        heard: list[tuple[str, Any]] = []
+        follower = asyncio.ensure_future(
+            run_observer(
+                lambda method, params: heard.append((method, params)),
+                name="life-follower",
+                path=bed.server.path,
+                bandwidth=0.5,
+                reconnect=False,
+            )
+        )
+        await eventually(lambda: any(m == "bandwidth" for m, _ in heard), "the follower's first bandwidth")
         result = await bed.client.transfer(bed.hosts.server_ip, 7214, size)
         assert result["received"] == size
         port = result["local_port"]
@@ -165,5 +177,11 @@ async def test_bandwidth_notifications_carry_a_transfer_in_deltas(backend: str) 
         count = len(bandwidth)
         await eventually(lambda: len(bandwidth) > count + 1, "more notifications")
         assert bandwidth[-1] == []
+
+        def followed() -> int:
+            return sum(e["bytes_in"] for method, note in heard if method == "bandwidth" for e in of_port(note, port))
+
+        await eventually(lambda: followed() >= size, "the transfer at the follower")
+        follower.cancel()
         await watcher.subscribe_bandwidth(0)
         watcher.close()
