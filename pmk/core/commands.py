@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pmk.packet.captured import CapturedPacket
 from pmk.rpc.messages import ErrorCode
 from pmk.verdicts import ConnKey, Target, Verdict
+
+if TYPE_CHECKING:
+    from pmk.host.owner import Owner
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,10 @@ class Decided:
     name: str
     #: where a reroute sends the connection
     to: Target | None = None
+    #: the local socket's process, when the decision was about a held packet and it has one
+    owner: Owner | None = None
+    #: the decide info of that packet (no ``payload``); None for cache, existing and operator
+    info: Mapping[str, Any] | None = None
 
 
 Command = (

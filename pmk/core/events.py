@@ -28,9 +28,14 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class ClientJoined:
-    """A peer passed the endpoint's identity check; it is an observer until its hello."""
+    """A peer passed the endpoint's identity check; it is an observer until its hello.
+
+    ``pid`` and ``uid`` are the peer's credentials where the platform tells them.
+    """
 
     client: int
+    pid: int | None = None
+    uid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,20 +8,29 @@ arrival order behind a single verdict request.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
 
 from pmk.packet.captured import CapturedPacket
 from pmk.verdicts import ConnKey
 
+if TYPE_CHECKING:
+    from pmk.host.owner import Owner
+
 
 class HeldPacket:
-    """A captured packet (its ``flow`` parsed) with the id a decider refers to it by."""
+    """A captured packet (its ``flow`` parsed) with the id a decider refers to it by.
 
-    __slots__ = ("id", "key", "packet")
+    ``owner`` is the local socket's process, looked up once when the packet is
+    asked about (None: not looked up, or no socket owns it).
+    """
+
+    __slots__ = ("id", "key", "owner", "packet")
 
     def __init__(self, packet_id: int, packet: CapturedPacket, key: ConnKey) -> None:
         self.id = packet_id
         self.packet = packet
         self.key = key
+        self.owner: Owner | None = None
 
 
 class WaitingConnection:

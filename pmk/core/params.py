@@ -6,7 +6,7 @@ message fit for the wire.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from pmk.rpc import names
 from pmk.verdicts import ConnKey, Verdict, conn_key_from_strings
@@ -29,17 +29,31 @@ def _no_params(params: list[Any], method: str) -> None:
         raise InvalidParams(f"{method} takes no params")
 
 
-def check_hello(params: list[Any]) -> tuple[int, str, str]:
-    """Return (protocol, name, role)."""
+#: Longest ``hello`` name, in characters (code points: ``len`` of a str), SPEC 4.
+MAX_NAME = 256
+
+
+class Hello(NamedTuple):
+    protocol: int
+    name: str
+    role: str
+    #: whether ``decide`` infos carry the held packet's bytes
+    payload: bool
+
+
+def check_hello(params: list[Any]) -> Hello:
     hello = _one_map(params, names.HELLO)
     protocol, name, role = hello.get("protocol"), hello.get("name", ""), hello.get("role", "observer")
+    payload = hello.get("payload", False)
     if type(protocol) is not int:
         raise InvalidParams("hello.protocol must be an integer")
-    if not isinstance(name, str) or len(name) > 256:
-        raise InvalidParams("hello.name must be a string of at most 256 characters")
+    if not isinstance(name, str) or len(name) > MAX_NAME:
+        raise InvalidParams(f"hello.name must be a string of at most {MAX_NAME} characters")
     if role not in ROLES:
         raise InvalidParams("hello.role must be 'decider' or 'observer'")
-    return protocol, name, role
+    if type(payload) is not bool:
+        raise InvalidParams("hello.payload must be a boolean")
+    return Hello(protocol, name, role, payload)
 
 
 def check_packet_id(params: list[Any], method: str) -> int:

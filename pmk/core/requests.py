@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections import OrderedDict
+from typing import Any
 
 from pmk.core.packet_cache import HeldPacket
 
@@ -101,7 +102,7 @@ COUNTERS = (
 class DecideRequest:
     """One ask about one held packet: its state, its decider and msgid, its deadline."""
 
-    __slots__ = ("client", "deadline", "held", "msgid", "state")
+    __slots__ = ("client", "deadline", "held", "info", "msgid", "sent_at", "state")
 
     def __init__(self, held: HeldPacket, deadline: float) -> None:
         self.held = held
@@ -109,6 +110,9 @@ class DecideRequest:
         self.client: int | None = None
         self.msgid = -1
         self.deadline = deadline
+        #: when it was last sent, and the info it was sent with (its decision's record reuses it)
+        self.sent_at = 0.0
+        self.info: dict[str, Any] | None = None
 
     @property
     def packet_id(self) -> int:

@@ -28,8 +28,11 @@ from pmk.config import DEFAULT_IDLE_TIMEOUT, REDIRECT_LINGER
 from pmk.core import bandwidth, lifecycle
 from pmk.core import commands as cmd
 from pmk.core import events as ev
+from pmk.core.attribution import Attribution, OwnerOf, no_owner
+from pmk.core.client_stats import DeciderFigures
 from pmk.core.engine import Apply, Engine
 from pmk.core.info import decide_info
+from pmk.core.observers import Observers
 from pmk.core.packet_cache import HeldPacket
 from pmk.core.params import (
     InvalidParams,
@@ -74,13 +77,16 @@ class MethodError(Exception):
 
 
 class _Client:
-    __slots__ = ("greeted", "name", "role")
+    __slots__ = ("figures", "greeted", "name", "payload", "pid", "role", "uid")
 
-    def __init__(self) -> None:
+    def __init__(self, pid: int | None = None, uid: int | None = None) -> None:
         self.name = ""
         self.role = "observer"
         #: said hello: gets connection_end
         self.greeted = False
+        self.payload = False  # decide infos carry the packet's bytes (hello)
+        self.pid, self.uid = pid, uid
+        self.figures = DeciderFigures()
 
 
 class Service:
@@ -99,6 +105,7 @@ class Service:
         targets: RerouteTargets | None = None,
         reroutable: Callable[[CapturedPacket], bool] | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        owner_of: OwnerOf = no_owner,
     ) -> None:
         """``targets``: the configured reroute targets; ``reroutable`` (None: the
         backend cannot reroute) says whether a packet starts its connection, so
@@ -126,6 +133,9 @@ class Service:
         self.protocol_errors = 0
         self.refused_clients = 0
         self.slow_clients = 0
+        #: the owner lookup, asked once per decide request (``HeldPacket.owner``)
+        self.attribution = Attribution(owner_of)
+        self.observers = Observers()
         #: Whole-batch fast path for backends that see every packet (``CaptureBackend.cache_probe``).
         self.accept_cached: Callable[[list[CacheRun]], bool] = self.engine.accept_cached
         #: Connection ends (divert: FIN, RST, idle) and bandwidth subscriptions.
@@ -199,9 +209,34 @@ class Service:
         stats["refused_clients"] = self.refused_clients
         stats["slow_clients"] = self.slow_clients
         stats["policy_hits"] = dict(self.policy_hits)
+        stats["connections_new"] = self.observers.events
+        stats["attribution_errors"] = self.attribution.errors
+        stats["client_list"] = self._client_list()
         stats["backend"] = self._backend.name
         stats["uptime"] = round(now - self._started, 3)
         return stats
+
+    def _client_list(self) -> list[dict[str, Any]]:
+        load = self.requests.load
+        out = []
+        for client_id, client in self._clients.items():
+            figures = client.figures
+            entry: dict[str, Any] = {
+                "id": client_id,
+                "name": client.name,
+                "role": client.role,
+                "in_flight": load.get(client_id, 0),
+                "answered": figures.answered,
+                "timeouts": figures.timeouts,
+                "latency_p50_ms": figures.percentile_ms(0.5),
+                "latency_p99_ms": figures.percentile_ms(0.99),
+            }
+            if client.pid is not None:
+                entry["pid"] = client.pid
+            if client.uid is not None:
+                entry["uid"] = client.uid
+            out.append(entry)
+        return out
 
     # -- packets -------------------------------------------------------------------
 
@@ -228,7 +263,7 @@ class Service:
                     self._withdraw(held)
                 for held in work.asks:
                     self._ask(held, now)
-            self._pump()
+            self._pump(now)
             if not engine.outbox:
                 break
         deadline = self.requests.next_deadline()
@@ -242,10 +277,16 @@ class Service:
         for packet in packets:
             key = conn_key(packet.raw, packet.outbound)
             if key is not None:
-                self._out.append(cmd.Decided(key, packet.outbound, verdict, True, "cache", ""))
+                self._record(cmd.Decided(key, packet.outbound, verdict, True, "cache", ""))
+
+    def _record(self, decided: cmd.Decided) -> None:
+        """The one record of a decision (the decision log), and its event for observers."""
+        self._out.append(decided)
+        self._out.extend(self.observers.notices(decided))
 
     def _ask(self, held: HeldPacket, now: float) -> None:
         requests = self.requests
+        held.owner = self.attribution.owner(held.key, held.packet.outbound)
         request = requests.new(held, now)
         target = requests.pick()
         if target is None:
@@ -254,13 +295,19 @@ class Service:
         elif requests.parked() or not requests.has_room(target):
             requests.step(request, Step.PARK)  # a new ask never overtakes parked ones
         else:
-            self._send(request, target)
+            self._send(request, target, now)
 
-    def _send(self, request: DecideRequest, client: int) -> None:
+    def _send(self, request: DecideRequest, client: int, now: float) -> None:
         msgid = self.requests.assign(request, client)
-        self._out.append(cmd.SendDecide(client, msgid, decide_info(request.held)))
+        held = request.held
+        info = request.info = decide_info(held, max(0, round((request.deadline - now) * 1000)))
+        request.sent_at = now
+        known = self._clients.get(client)
+        if known is not None and known.payload:
+            info = {**info, "payload": bytes(held.packet.raw)}
+        self._out.append(cmd.SendDecide(client, msgid, info))
 
-    def _pump(self) -> None:
+    def _pump(self, now: float) -> None:
         """Send parked asks while a decider has room, or settle them if none is left."""
         requests, held = self.requests, self.engine.held
         while requests.parked():
@@ -273,9 +320,9 @@ class Service:
             assert request is not None
             if target is None:
                 requests.step(request, Step.NO_DECIDER)
-                self._settle_by_policy(request.held)
+                self._settle_by_policy(request.held, request)
             else:
-                self._send(request, target)
+                self._send(request, target, now)
 
     def _withdraw(self, held: HeldPacket) -> None:
         """The packet is gone: drop its parked ask, or tell its decider."""
@@ -288,11 +335,21 @@ class Service:
             assert request.client is not None
             self._out.append(cmd.Notify(request.client, names.WITHDRAWN, [held.id]))
 
-    def _settle_by_policy(self, held: HeldPacket) -> None:
+    def _settle_by_policy(self, held: HeldPacket, request: DecideRequest | None = None) -> None:
         decision = self.policy.decide(held.key, held.packet.outbound)
         self.policy_hits[decision.rule] = self.policy_hits.get(decision.rule, 0) + 1
-        self._out.append(
-            cmd.Decided(held.key, held.packet.outbound, decision.verdict, decision.permanent, "policy", decision.rule)
+        info = request.info if request is not None and request.info is not None else decide_info(held)
+        self._record(
+            cmd.Decided(
+                held.key,
+                held.packet.outbound,
+                decision.verdict,
+                decision.permanent,
+                "policy",
+                decision.rule,
+                owner=held.owner,
+                info=info,
+            )
         )
         if self.engine.on_verdict(held.id, decision.verdict, decision.permanent, defaulted=True) and decision.permanent:
             self._remember(held, "policy", decision.rule)
@@ -310,8 +367,10 @@ class Service:
             if state is not State.WAITING:
                 assert request.client is not None
                 self._out.append(cmd.Forget(request.client, request.msgid))
+                if state is State.SENT and (client := self._clients.get(request.client)) is not None:
+                    client.figures.timeouts += 1
             if state is not State.WITHDRAWN:
-                self._settle_by_policy(request.held)
+                self._settle_by_policy(request.held, request)
 
     # -- answers -----------------------------------------------------------------------
 
@@ -321,6 +380,8 @@ class Service:
         if request is None or request.client != event.client:
             requests.answer_forgotten()  # cannot happen: the RPC layer matched the msgid
             return
+        if (client := self._clients.get(event.client)) is not None:
+            client.figures.answer(now - request.sent_at)
         if request.state is State.WITHDRAWN:
             requests.step(request, Step.ANSWER)  # late; frees the decider's slot
             return
@@ -328,7 +389,7 @@ class Service:
         if event.error is not None:
             log.info("decider %s answered packet %d with an error: %r", self._name(event.client), held.id, event.error)
             requests.step(request, Step.ANSWER_ERROR)
-            self._settle_by_policy(held)
+            self._settle_by_policy(held, request)
             return
         try:
             decision = self._decision(event.result, held)
@@ -337,12 +398,22 @@ class Service:
             self._out.append(
                 cmd.Notify(event.client, names.PROTOCOL_ERROR, [wire_error(ErrorCode.INVALID_PARAMS, str(error))])
             )
-            self._settle_by_policy(held)
+            self._settle_by_policy(held, request)
             return
         requests.step(request, Step.ANSWER)
         verdict, permanent, to = decision.verdict, decision.permanent, decision.target
-        self._out.append(
-            cmd.Decided(held.key, held.packet.outbound, verdict, permanent, "decider", self._name(event.client), to=to)
+        self._record(
+            cmd.Decided(
+                held.key,
+                held.packet.outbound,
+                verdict,
+                permanent,
+                "decider",
+                self._name(event.client),
+                to=to,
+                owner=held.owner,
+                info=request.info,
+            )
         )
         if self.engine.on_verdict(held.id, verdict, permanent, target=to) and permanent:
             self._remember(held, "decider", self._name(event.client))
@@ -369,7 +440,7 @@ class Service:
     # -- clients ------------------------------------------------------------------------
 
     def _on_joined(self, event: ev.ClientJoined, now: float) -> None:
-        self._clients[event.client] = _Client()
+        self._clients[event.client] = _Client(event.pid, event.uid)
 
     def _on_refused(self, event: ev.ClientRefused, now: float) -> None:
         self.refused_clients += 1
@@ -382,6 +453,7 @@ class Service:
 
     def _on_left(self, event: ev.ClientLeft, now: float) -> None:
         self.bandwidth.stop(event.client)
+        self.observers.clients.discard(event.client)
         if self._clients.pop(event.client, None) is not None:
             self._stop_deciding(event.client, now, connected=False)
 
@@ -425,21 +497,32 @@ class Service:
                 self._out.append(cmd.Reply(event.client, event.msgid, result))
 
     def _hello(self, event: ev.ClientRequest, now: float) -> Any:
-        protocol, name, role = check_hello(event.params)
-        if protocol != pmk.PROTOCOL_VERSION:
-            raise MethodError(ErrorCode.UNSUPPORTED_PROTOCOL, f"this server speaks protocol {pmk.PROTOCOL_VERSION}")
+        hello = check_hello(event.params)
+        if hello.protocol not in pmk.PROTOCOL_VERSIONS:
+            spoken = ", ".join(str(version) for version in pmk.PROTOCOL_VERSIONS)
+            raise MethodError(
+                ErrorCode.UNSUPPORTED_PROTOCOL,
+                f"protocol {hello.protocol} is not spoken here; this server speaks {spoken}",
+            )
         client = self._clients.setdefault(event.client, _Client())
-        client.name, client.role, client.greeted = name, role, True
-        if role == "decider":
+        client.name, client.role, client.payload, client.greeted = hello.name, hello.role, hello.payload, True
+        if hello.role == "decider":
+            self.observers.clients.discard(event.client)
             self.requests.add_decider(event.client)
-        elif event.client in self.requests.load:
-            # A decider turning observer must not strand what it was asked (SPEC 5.4).
-            self._stop_deciding(event.client, now, connected=True)
+        else:
+            self.observers.clients.add(event.client)
+            if event.client in self.requests.load:
+                # A decider turning observer must not strand what it was asked (SPEC 5.4).
+                self._stop_deciding(event.client, now, connected=True)
+        # Returned as the Reply, which goes out before any decide this hello made possible:
+        # asks are sent after every event of the batch (``_drain``).
         return {
             "protocol": pmk.PROTOCOL_VERSION,
             "version": pmk.__version__,
             "backend": self._backend.name,
-            "verdicts": [v.value for v in self.verdicts],
+            "verdict_timeout": float(self.requests.timeout),
+            "verdicts": [verdict.value for verdict in self.verdicts],
+            "max_in_flight": self.requests.max_in_flight,
         }
 
     def _get_payload(self, event: ev.ClientRequest, now: float) -> Any:
@@ -455,7 +538,7 @@ class Service:
 
     def _get_version(self, event: ev.ClientRequest, now: float) -> Any:
         check_no_params(event.params, names.GET_VERSION)
-        return {"protocol": pmk.PROTOCOL_VERSION, "version": pmk.__version__}
+        return {"protocol": pmk.PROTOCOL_VERSION, "version": pmk.__version__, "protocols": list(pmk.PROTOCOL_VERSIONS)}
 
     def _clear_cache(self, event: ev.ClientRequest, now: float) -> Any:
         check_no_params(event.params, names.CLEAR_CACHE)
@@ -483,7 +566,7 @@ class Service:
         return op
 
     def _apply_update(self, key: ConnKey, verdict: Verdict) -> None:
-        self._out.append(cmd.Decided(key, False, verdict, True, "operator", ""))
+        self._record(cmd.Decided(key, False, verdict, True, "operator", ""))
         self.engine.update_verdict(key, verdict)
         entry = self.engine.verdicts.peek(key)
         if entry is not None:
@@ -511,7 +594,7 @@ class Service:
         entry = self.engine.verdicts.peek(held.key)
         if entry is not None:
             entry.by, entry.name = by, name
-            entry.owner = getattr(held, "owner", None)  # set once attribution fills HeldPacket.owner
+            entry.owner = held.owner
 
     def _closing(self, key: ConnKey, entry: CachedVerdict, reset: bool, now: float) -> None:
         if self._backend.kernel_verdict_cache:
@@ -611,7 +694,7 @@ class Service:
         self.engine.preaccept(event.keys)
         for key in event.keys:
             # Which side opened it is unknown: recorded as inbound.
-            self._out.append(cmd.Decided(key, False, Verdict.ACCEPT, True, "existing", ""))
+            self._record(cmd.Decided(key, False, Verdict.ACCEPT, True, "existing", ""))
             entry = self.engine.verdicts.peek(key)
             if entry is not None:
                 entry.by = "existing"

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,7 @@ from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError, 
 from pmk.config import ServeConfig
 from pmk.core import commands as cmd
 from pmk.core import events as ev
+from pmk.core.attribution import OwnerOf, no_owner
 from pmk.core.policy import Policy
 from pmk.core.service import Service
 from pmk.rpc.messages import ErrorCode
@@ -48,10 +50,15 @@ class Server:
         backend: CaptureBackend,
         *,
         clock: Callable[[], float] = time.monotonic,
+        owner_of: OwnerOf | None = None,
     ) -> None:
+        """``owner_of`` attributes connections to processes; by default the platform's lookup."""
         self.config = config
         self.backend = backend
         self._clock = clock
+        self._close_owners: Callable[[], None] | None = None
+        if owner_of is None:
+            owner_of = self._platform_owner_lookup()
         self.service = Service(
             backend=backend,
             policy=config.policy,
@@ -63,6 +70,7 @@ class Server:
             targets=RerouteTargets(config.nameservers, config.tunnels),
             reroutable=backend.reroutable if backend.can_reroute else None,
             idle_timeout=config.idle_timeout,
+            owner_of=owner_of or no_owner,
         )
         self.sessions: dict[int, ClientSession] = {}
         self._next_session = 1
@@ -75,6 +83,24 @@ class Server:
         #: Called with every Decided record (the decision log); DEBUG lines by default.
         self.on_decided: Callable[[cmd.Decided], None] = _log_decided
         self.bypass_watch = BypassWatch(lambda: self.backend.stats().get("bypassed", 0))
+
+    def _platform_owner_lookup(self) -> OwnerOf | None:
+        """Linux: one exact sock_diag request per new connection, in the namespace pmk serves.
+
+        It runs on the event loop (see ``pmk.core.attribution``). Other
+        platforms have no lookup yet: pid, process and uid stay nil.
+        """
+        if sys.platform != "linux":
+            return None
+        from pmk.host.owner import OwnerLookup
+
+        try:
+            lookup = OwnerLookup()
+        except OSError as error:
+            log.warning("process attribution unavailable: %s", error)
+            return None
+        self._close_owners = lookup.close
+        return lookup.lookup
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -113,6 +139,9 @@ class Server:
         if self._kernel_worker is not None:
             self._kernel_worker.shutdown(wait=False, cancel_futures=True)
             self._kernel_worker = None
+        if self._close_owners is not None:
+            self._close_owners()
+            self._close_owners = None
         try:
             self.backend.close()
         finally:
@@ -143,7 +172,9 @@ class Server:
             self._run([ev.ClientRefused()])
             return {"code": ErrorCode.NOT_PERMITTED.value, "message": refusal}
         self.sessions[session.id] = session
-        self._run([ev.ClientJoined(session.id)])
+        credentials = endpoint.peer_credentials(transport) if sys.platform != "win32" else None
+        pid, uid = (credentials[0], credentials[1]) if credentials is not None else (None, None)
+        self._run([ev.ClientJoined(session.id, pid, uid)])
         return None
 
     def on_events(self, events: Sequence[ev.Event]) -> None:
