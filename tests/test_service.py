@@ -11,10 +11,11 @@ from pmk.core import commands as cmd
 from pmk.core import events as ev
 from pmk.core.policy import Policy, default_only, parse_policy
 from pmk.core.service import Service
+from pmk.host.owner import Owner
 from pmk.packet.captured import CapturedPacket
-from pmk.rpc.names import PROTOCOL_ERROR, WITHDRAWN
+from pmk.rpc.names import CONNECTION_NEW, PROTOCOL_ERROR, WITHDRAWN
 from pmk.verdicts import ConnKey, Verdict
-from tests.packets import udp
+from tests.packets import ip_packet, udp
 
 A, B = "198.18.0.1", "198.18.0.2"
 TIMEOUT = 2.0
@@ -361,3 +362,249 @@ def test_on_a_kernel_cache_a_hit_is_handed_to_the_kernel_and_logged_as_decided_b
     svc.handle(ev.Preaccept((key(1),)), now=0.0)
     out = svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0)
     assert applied(out) == [([1], Verdict.ACCEPT, False)] and of(cmd.Decided, out) == []
+
+
+# -- attribution, info fields, hello, observers, client_list (issue 10) ---------------------------
+
+
+DIG = Owner(4242, "/usr/bin/dig", 1000)
+
+
+class FakeOwners:
+    """An owner lookup that records its calls; ``fail`` makes it raise."""
+
+    def __init__(self, owner: Owner | None = DIG, fail: bool = False) -> None:
+        self.owner = owner
+        self.fail = fail
+        self.calls: list[tuple[ConnKey, bool]] = []
+
+    def __call__(self, key: ConnKey, outbound: bool) -> Owner | None:
+        self.calls.append((key, outbound))
+        if self.fail:
+            raise OSError("netlink went away")
+        return self.owner
+
+
+def attributed(owners: FakeOwners, **kwargs: Any) -> Service:
+    return Service(
+        backend=FakeBackend(),
+        policy=default_only(Verdict.DROP),
+        packet_cache=kwargs.get("packet_cache", 1024),
+        verdict_cache=65536,
+        verdict_timeout=TIMEOUT,
+        max_in_flight=kwargs.get("max_in_flight", 256),
+        started=0.0,
+        owner_of=owners,
+    )
+
+
+def hello_with(client: int, msgid: int = 0, **fields: Any) -> ev.ClientRequest:
+    return ev.ClientRequest(client, msgid, "hello", [{"protocol": 1, **fields}])
+
+
+def test_the_owner_is_looked_up_once_per_request_and_named_in_the_info_and_the_record() -> None:
+    owners = FakeOwners()
+    svc = attributed(owners)
+    joined_decider(svc, name="blocklist")
+    out = svc.handle(ev.PacketsCaptured([packet(1), packet(1), packet(1)]), now=0.0)
+    (decide,) = of(cmd.SendDecide, out)
+    assert owners.calls == [(key(1), False)]  # one connection, one lookup, however many packets
+    assert (decide.info["pid"], decide.info["process"], decide.info["uid"]) == (4242, "/usr/bin/dig", 1000)
+    (decided,) = of(cmd.Decided, answer(svc, decide, "accept", permanent=True))
+    assert decided.owner == Owner(4242, "/usr/bin/dig", 1000) and decided.info is not None
+    assert decided.info["pid"] == 4242
+    # A temporary answer asks about the next packet anew: a new request, a new lookup.
+    out = svc.handle(ev.PacketsCaptured([packet(2), packet(2)]), now=1.0)
+    (decide,) = of(cmd.SendDecide, out)
+    answer(svc, decide, "accept", permanent=False, now=1.0)
+    assert owners.calls[1:] == [(key(2), False), (key(2), False)]
+    assert svc.stats(now=1.0)["attribution_errors"] == 0
+
+
+def test_no_socket_means_nil_owner_fields() -> None:
+    svc = attributed(FakeOwners(owner=None))
+    joined_decider(svc)
+    (decide,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0))
+    assert (decide.info["pid"], decide.info["process"], decide.info["uid"]) == (None, None, None)
+
+
+def test_a_failing_lookup_leaves_the_fields_nil_counts_and_still_asks() -> None:
+    owners = FakeOwners(fail=True)
+    svc = attributed(owners)
+    joined_decider(svc)
+    out = svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0)
+    decides = of(cmd.SendDecide, out)
+    assert len(decides) == 2 and all(d.info["pid"] is None and d.info["process"] is None for d in decides)
+    assert svc.stats(now=0.0)["attribution_errors"] == 2
+    # Without a decider the policy still settles, lookup failing or not.
+    svc.handle(ev.ClientLeft(1), now=0.0)
+    assert applied(svc.handle(ev.PacketsCaptured([packet(3)]), now=0.0)) == [([3], Verdict.DROP, False)]
+    assert svc.stats(now=0.0)["attribution_errors"] == 3
+    assert_identity(svc)
+
+
+def test_timeout_ms_is_the_time_left_when_the_request_is_sent() -> None:
+    svc = service(max_in_flight=1)
+    joined_decider(svc)
+    first, *rest = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0))
+    assert first.info["timeout_ms"] == 2000 and rest == []
+    # The second waited 0.5 s for a slot; its deadline did not move, so it has 1.5 s left.
+    (second,) = of(cmd.SendDecide, answer(svc, first, "accept", now=0.5))
+    assert second.info["timeout_ms"] == 1500
+
+
+def test_icmp_infos_carry_type_and_code() -> None:
+    svc = service()
+    joined_decider(svc)
+    echo4 = ip_packet(A, B, 1, bytes([8, 0, 0, 0, 0, 1, 0, 1]) + b"ping")
+    unreachable6 = ip_packet("fd00::1", "fd00::2", 58, bytes([1, 4, 0, 0, 0, 0, 0, 0]))
+    out = svc.handle(
+        ev.PacketsCaptured([CapturedPacket(echo4, outbound=True), CapturedPacket(unreachable6, outbound=False)]),
+        now=0.0,
+    )
+    v4, v6 = (d.info for d in of(cmd.SendDecide, out))
+    assert (v4["protocol"], v4["icmp_type"], v4["icmp_code"]) == (1, 8, 0)
+    assert (v6["protocol"], v6["icmp_type"], v6["icmp_code"]) == (58, 1, 4)
+    (udp_decide,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0))
+    assert "icmp_type" not in udp_decide.info and "icmp_code" not in udp_decide.info
+
+
+def test_only_a_decider_that_asked_for_payload_gets_the_bytes_inline() -> None:
+    svc = service()
+    svc.handle_all([ev.ClientJoined(1), ev.ClientJoined(2), ev.ClientJoined(3)], now=0.0)
+    svc.handle_all([hello_with(1, role="decider", payload=True), hello_with(2, role="decider"), hello_with(3)], now=0.0)
+    out = svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0)
+    by_client = {d.client: d for d in of(cmd.SendDecide, out)}
+    port = by_client[1].info["remote_port"]
+    assert by_client[1].info["payload"] == packet(port).raw and isinstance(by_client[1].info["payload"], bytes)
+    assert "payload" not in by_client[2].info
+    # The observer's event never carries the payload, even for the payload decider's answer.
+    out = answer(svc, by_client[1], "accept", permanent=True)
+    (notice,) = of(cmd.Notify, out)
+    assert notice.client == 3 and "payload" not in notice.params[0]
+
+
+def test_hello_results_and_errors() -> None:
+    svc = service(max_in_flight=8)
+    svc.handle(ev.ClientJoined(1), now=0.0)
+    (reply,) = svc.handle(hello_with(1, role="decider", payload=True), now=0.0)
+    assert isinstance(reply, cmd.Reply)
+    assert {k: reply.result[k] for k in ("verdict_timeout", "verdicts", "max_in_flight", "backend")} == {
+        "verdict_timeout": TIMEOUT,
+        "verdicts": ["accept", "block", "drop"],
+        "max_in_flight": 8,
+        "backend": "fake",
+    }
+    (error,) = svc.handle(hello_with(1, protocol=2), now=0.0)
+    assert isinstance(error, cmd.ReplyError) and error.code.value == "unsupported_protocol"
+    assert "speaks 1" in error.message
+    (error,) = svc.handle(hello_with(1, payload="yes"), now=0.0)
+    assert isinstance(error, cmd.ReplyError) and error.code.value == "invalid_params"
+    # 256 characters of two bytes each: the limit counts characters.
+    (reply,) = svc.handle(hello_with(1, name="é" * 256), now=0.0)
+    assert isinstance(reply, cmd.Reply)
+    (version,) = svc.handle(ev.ClientRequest(1, 5, "get_version", []), now=0.0)
+    assert isinstance(version, cmd.Reply) and version.result["protocols"] == [1]
+
+
+def test_a_verdict_the_server_did_not_offer_is_invalid_until_it_is_offered() -> None:
+    svc = service()
+    joined_decider(svc)
+    (decide,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0))
+    out = answer(svc, decide, "reroute_to_tunnel", permanent=True)
+    assert applied(out) == [([1], Verdict.DROP, False)] and of(cmd.Notify, out)[0].method == PROTOCOL_ERROR
+    assert svc.stats(now=0.5)["default_invalid"] == 1
+    svc.verdicts.append(Verdict.REROUTE_TO_TUNNEL)  # what the reroute wiring does when a tunnel is given
+    (reply,) = svc.handle(hello(1, msgid=3), now=0.6)
+    assert "reroute_to_tunnel" in reply.result["verdicts"]
+
+
+def test_parked_asks_a_new_decider_takes_go_out_after_its_hello_reply() -> None:
+    svc = service(max_in_flight=1)
+    joined_decider(svc)
+    svc.handle(ev.PacketsCaptured([packet(1), packet(2), packet(3)]), now=0.0)
+    assert svc.stats(now=0.0)["waiting_for_decider"] == 2
+    svc.handle(ev.ClientJoined(2), now=0.1)
+    out = svc.handle(hello(2, msgid=7), now=0.1)
+    kinds = [type(c) for c in out if not isinstance(c, cmd.ArmTimer)]
+    assert kinds == [cmd.Reply, cmd.SendDecide]
+    assert of(cmd.SendDecide, out)[0].client == 2
+
+
+def test_packet_ids_count_up_and_are_never_reused() -> None:
+    svc = service(packet_cache=2)
+    joined_decider(svc)
+    ids = []
+    for port in range(1, 6):  # the cache holds 2: older packets are evicted on the way
+        out = svc.handle(ev.PacketsCaptured([packet(port)]), now=0.0)
+        ids += [d.info["id"] for d in of(cmd.SendDecide, out)]
+    for decide in of(cmd.SendDecide, svc.handle(ev.ClientLeft(1), now=0.0)):
+        ids.append(decide.info["id"])
+    joined_decider(svc, client=2)
+    out = svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0)
+    ids += [d.info["id"] for d in of(cmd.SendDecide, out)]
+    assert ids == sorted(set(ids)) and ids[0] == 1 and len(ids) == 6
+
+
+def test_observers_get_connection_new_for_every_decision_but_cache_hits() -> None:
+    svc = attributed(FakeOwners(), packet_cache=1024)
+    svc.handle_all([ev.ClientJoined(1), ev.ClientJoined(2), ev.ClientJoined(3)], now=0.0)
+    svc.handle_all([hello(1, name="blocklist"), hello_with(2, name="top"), hello_with(3, role="decider")], now=0.0)
+    svc.handle(ev.ClientLeft(3), now=0.0)  # a decider does not observe, and leaving changes nothing
+    out = svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0)
+    (decide,) = of(cmd.SendDecide, out)
+    assert of(cmd.Notify, out) == []  # asked, not yet decided
+    out = answer(svc, decide, "accept", permanent=True)
+    decided, notice = (c for c in out if isinstance(c, cmd.Decided | cmd.Notify))
+    assert (
+        isinstance(decided, cmd.Decided)
+        and isinstance(notice, cmd.Notify)
+        and notice.client == 2
+        and notice.method == CONNECTION_NEW
+    )
+    event = notice.params[0]
+    assert {k: event[k] for k in ("verdict", "permanent", "by", "name", "pid", "process", "remote_port")} == {
+        "verdict": "accept",
+        "permanent": True,
+        "by": "decider",
+        "name": "blocklist",
+        "pid": 4242,
+        "process": "/usr/bin/dig",
+        "remote_port": 1,
+    }
+    assert event["id"] == decide.info["id"] and event["timeout_ms"] == 2000
+    # A cache hit is no event; a policy decision (timeout) and an operator's are.
+    assert of(cmd.Notify, svc.handle(ev.PacketsCaptured([packet(1)]), now=1.0)) == []
+    svc.handle(ev.PacketsCaptured([packet(2)]), now=1.0)
+    out = svc.handle(ev.Tick(), now=1.0 + TIMEOUT)
+    events = [n.params[0] for n in of(cmd.Notify, out) if n.method == CONNECTION_NEW]
+    assert [(e["by"], e["name"], e["verdict"], e["remote_port"]) for e in events] == [("policy", "default", "drop", 2)]
+    out = svc.handle(ev.ClientRequest(1, 9, "update_verdict", [_conn(3), "block"]), now=4.0)
+    (event,) = [n.params[0] for n in of(cmd.Notify, out) if n.method == CONNECTION_NEW]
+    assert (event["by"], event["verdict"], event["remote_port"], event["local_ip"]) == ("operator", "block", 3, B)
+    assert svc.stats(now=4.0)["connections_new"] == 3
+    # An observer turning decider no longer observes.
+    svc.handle(hello_with(2, role="decider"), now=4.0)
+    out = svc.handle(ev.ClientRequest(1, 10, "update_verdict", [_conn(4), "block"]), now=4.0)
+    assert of(cmd.Notify, out) == [] and svc.stats(now=4.0)["connections_new"] == 4
+
+
+def _conn(port: int) -> dict[str, Any]:
+    return {"protocol": 17, "local_ip": B, "local_port": 53, "remote_ip": A, "remote_port": port}
+
+
+def test_client_list_reports_each_clients_answers_timeouts_and_latency() -> None:
+    svc = service()
+    svc.handle_all([ev.ClientJoined(1, pid=500, uid=0), ev.ClientJoined(2)], now=0.0)
+    svc.handle_all([hello(1, name="fast"), hello_with(2, name="top")], now=0.0)
+    decides = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(p) for p in range(1, 12)]), now=0.0))
+    for n, decide in enumerate(decides[:10]):
+        answer(svc, decide, "accept", now=0.001 * (n + 1))  # 1 ms .. 10 ms
+    svc.handle(ev.Tick(), now=TIMEOUT)  # the 11th times out
+    entries = {e["id"]: e for e in svc.stats(now=TIMEOUT)["client_list"]}
+    fast, top = entries[1], entries[2]
+    assert (fast["name"], fast["role"], fast["pid"], fast["uid"]) == ("fast", "decider", 500, 0)
+    assert (fast["answered"], fast["timeouts"], fast["in_flight"]) == (10, 1, 0)
+    assert fast["latency_p50_ms"] == 6.0 and fast["latency_p99_ms"] == 10.0
+    assert (top["role"], top["answered"], top["latency_p50_ms"]) == ("observer", 0, None)
+    assert "pid" not in top
