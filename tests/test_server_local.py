@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError, PacketSink
-from pmk.client import Client, Decision, RemoteError
+from pmk.client import Client, Decision, RemoteError, run_observer
 from pmk.config import ServeConfig
 from pmk.core.policy import default_only
 from pmk.server.app import Server
@@ -329,3 +329,74 @@ async def test_connections_open_at_start_are_listed_right_before_and_after_captu
     finally:
         await server.stop()
         os.rmdir(directory)
+
+
+async def test_payload_deciders_observers_and_the_client_list_through_the_client_library(served) -> None:  # type: ignore[no-untyped-def]
+    server, backend, path = served
+    infos: list[dict] = []  # type: ignore[type-arg]
+
+    def decide(info: dict) -> Decision:  # type: ignore[type-arg]
+        infos.append(info)
+        return Decision("accept", permanent=True)
+
+    decider = await Client.connect(path, decide)
+    hello = await decider.hello("inspector", "decider", payload=True)
+    assert hello["verdicts"] == ["accept", "block", "drop"] and hello["verdict_timeout"] == 0.3
+    assert hello["max_in_flight"] == server.config.max_in_flight
+    events: list[tuple[str, dict]] = []  # type: ignore[type-arg]
+    observer = asyncio.ensure_future(
+        run_observer(lambda method, event: events.append((method, event)), name="watcher", path=path, reconnect=False)
+    )
+    await until(lambda: any(e["name"] == "watcher" for e in server.stats()["client_list"]))
+    backend.push(packet(1200, b"inspect me"))
+    await until(lambda: len(events) == 1)
+    assert infos[0]["payload"] == packet(1200, b"inspect me")
+    assert 0 < infos[0]["timeout_ms"] <= 300
+    method, event = events[0]
+    assert method == "connection_new" and "payload" not in event
+    assert (event["by"], event["name"], event["verdict"], event["permanent"]) == (
+        "decider",
+        "inspector",
+        "accept",
+        True,
+    )
+    assert event["id"] == infos[0]["id"] and event["remote_port"] == 1200
+    stats = server.stats()
+    assert stats["connections_new"] == 1
+    entries = {e["name"]: e for e in stats["client_list"]}  # type: ignore[attr-defined]
+    assert entries["inspector"]["role"] == "decider" and entries["inspector"]["answered"] == 1
+    assert entries["inspector"]["latency_p50_ms"] is not None and entries["watcher"]["role"] == "observer"
+    assert entries["inspector"]["pid"] == entries["watcher"]["pid"] == os.getpid()
+    assert entries["inspector"]["uid"] == os.getuid()
+    decider.close()
+    observer.cancel()
+
+
+async def test_an_observer_that_stops_reading_is_cut_off_and_the_packet_path_goes_on(served) -> None:  # type: ignore[no-untyped-def]
+    server, backend, path = served
+    observer = await Client.connect(path)
+    await observer.hello("stuck", "observer")
+    assert observer._transport is not None
+    observer._transport.pause_reading()
+    # No decider: the policy settles every new connection, each an event of ~300 bytes for the
+    # observer, far more than the 4 MiB a client may leave unread.
+    sent = 0
+    for batch in range(60):
+        packets = [udp(f"198.18.{1 + batch}.{1 + n // 250}", "198.18.0.2", 1000 + n % 250, 53) for n in range(500)]
+        backend.push(*packets)
+        sent += len(packets)
+        await asyncio.sleep(0)  # let writes happen, as between real batches
+        if server.stats()["slow_clients"]:
+            break
+    assert len(backend.applied) == sent  # every packet got its verdict meanwhile
+    assert server.stats()["slow_clients"] == 1, "the observer was never cut off"
+    await until(lambda: server.stats()["clients"] == 0)  # connection_lost follows the abort
+    stats = server.stats()
+    assert stats["connections_new"] == sent and identity_holds(stats)
+    # Deciding goes on for everyone else.
+    decider = await Client.connect(path, lambda info: Decision("block"))
+    await decider.hello("d", "decider")
+    backend.push(packet(7))
+    await until(lambda: backend.applied[-1] == (packet(7), Verdict.BLOCK, False))
+    decider.close()
+    observer.close()
