@@ -42,7 +42,11 @@ def test_get_stats_and_get_version_take_no_params() -> None:
     stats = call(svc, "get_stats", now=5.0)
     assert isinstance(stats, cmd.Reply) and stats.result["uptime"] == 5.0 and stats.result["backend"] == "fake"
     version = call(svc, "get_version")
-    assert isinstance(version, cmd.Reply) and version.result == {"protocol": 1, "version": pmk.__version__}
+    assert isinstance(version, cmd.Reply) and version.result == {
+        "protocol": 1,
+        "version": pmk.__version__,
+        "protocols": [1],
+    }
     assert error_code(call(svc, "get_stats", 1)) == "invalid_params"
     assert error_code(call(svc, "get_version", {})) == "invalid_params"
 
