@@ -76,6 +76,8 @@ class Engine:
         self.hits_permanent = hits_permanent
         self.counters = Counters()
         self.outbox = Outbox()
+        # Packet ids count up for the server's lifetime and are never reused (SPEC 5.1). A Python
+        # int does not wrap; 2**53 would take 28 years at ten million held packets a second.
         self._next_id = 1
 
     # -- packets in ----------------------------------------------------------
