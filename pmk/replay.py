@@ -157,12 +157,14 @@ def run(args: argparse.Namespace) -> int:
 async def replay(config: ServeConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Serve, wait for deciders, feed the file, and return the summary and the stats."""
     from pmk.capture.replay import ReplayBackend
+    from pmk.core.attribution import no_owner
     from pmk.server.app import Server
     from pmk.server.endpoint import EndpointError
 
     # The window is the packet cache: the file is never read faster than it can hold.
     backend = ReplayBackend(args.file, local=args.local, window=config.packet_cache, write_accepted=args.write_accepted)
-    server = Server(config, backend)
+    # Packets from a file belong to no socket of this host: no process attribution.
+    server = Server(config, backend, owner_of=no_owner)
     try:
         await server.start()
     except (EndpointError, OSError) as error:
