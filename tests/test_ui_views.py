@@ -255,3 +255,31 @@ def test_top_fits_an_80_column_terminal_without_wrapping_labels() -> None:
     for label in ("packets/s", "new connections/s", "requests in flight", "waiting for a decider", "cache hit rate"):
         assert label in text
     assert "curl (4242)" in text
+
+
+def test_the_views_read_the_client_list_a_real_service_reports() -> None:
+    """What pmk.core's get_stats says about clients is what the stats and top screens show."""
+    from pmk.core import commands as cmd
+    from pmk.core import events as ev
+    from tests.test_service import hello, of, packet, service
+
+    svc = service()
+    svc.handle_all([ev.ClientJoined(1, pid=900, uid=0), ev.ClientJoined(2), hello(1, name="judge")], now=0.0)
+    svc.handle(hello(2, role="observer", name="watch"), now=0.0)
+    for n, decide in enumerate(of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0))):
+        svc.handle(ev.DecideAnswered(1, decide.msgid, None, {"verdict": "accept"}), now=0.002 * (n + 1))
+    before = svc.stats(now=1.0)
+    svc.handle(
+        ev.DecideAnswered(
+            1,
+            of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(3)]), now=1.0))[0].msgid,
+            None,
+            {"verdict": "accept"},
+        ),
+        now=1.004,
+    )
+    after = svc.stats(now=2.0)
+    assert row(text_of(stats_view.render(after)), "1")[1:4] == ["judge", "decider", "0"]
+    cells = row(text_of(render(Snapshot(after, 2.0), Snapshot(before, 1.0), [])), "judge")
+    assert cells == ["judge", "decider", "0", "1.0", "4.0", "4.0"]  # answered/s, p50, p99
+    assert row(text_of(stats_view.render(after)), "2")[1:3] == ["watch", "observer"]
