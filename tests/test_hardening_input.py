@@ -54,19 +54,30 @@ class RawPeer:
         await self.send(msgpack.packb([0, msgid, method, params]))
 
     async def _read_once(self, seconds: float) -> bool:
-        """One read; False on silence for ``seconds`` or EOF."""
-        try:
-            data = await asyncio.wait_for(self.reader.read(1 << 16), seconds)
-        except TimeoutError:
-            return False
-        except ConnectionError:
-            data = b""
-        if not data:
-            self.eof = True
-            return False
-        self.unpacker.feed(data)
-        self.messages.extend(self.unpacker)
-        return True
+        """Read until a message arrives; False on silence for ``seconds`` or EOF.
+
+        ``connection_new`` events are left out: a peer whose hello said
+        observer gets one per decision of the steady ping stream, which would
+        otherwise never let the line fall silent.
+        """
+        deadline = asyncio.get_running_loop().time() + seconds
+        while True:
+            try:
+                data = await asyncio.wait_for(self.reader.read(1 << 16), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                return False
+            except ConnectionError:
+                data = b""
+            if not data:
+                self.eof = True
+                return False
+            self.unpacker.feed(data)
+            before = len(self.messages)
+            self.messages.extend(
+                m for m in self.unpacker if not (isinstance(m, list) and m[:2] == [2, "connection_new"])
+            )
+            if len(self.messages) > before:
+                return True
 
     async def read_for(self, seconds: float = READ_QUIET) -> list[Any]:
         """Read until EOF or ``seconds`` of silence; return the new messages."""
