@@ -507,16 +507,15 @@ def test_hello_results_and_errors() -> None:
     assert isinstance(version, cmd.Reply) and version.result["protocols"] == [1]
 
 
-def test_a_verdict_the_server_did_not_offer_is_invalid_until_it_is_offered() -> None:
+def test_a_verdict_the_server_did_not_offer_is_invalid() -> None:
     svc = service()
     joined_decider(svc)
     (decide,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0))
     out = answer(svc, decide, "reroute_to_tunnel", permanent=True)
     assert applied(out) == [([1], Verdict.DROP, False)] and of(cmd.Notify, out)[0].method == PROTOCOL_ERROR
     assert svc.stats(now=0.5)["default_invalid"] == 1
-    svc.verdicts.append(Verdict.REROUTE_TO_TUNNEL)  # what the reroute wiring does when a tunnel is given
     (reply,) = svc.handle(hello(1, msgid=3), now=0.6)
-    assert "reroute_to_tunnel" in reply.result["verdicts"]
+    assert reply.result["verdicts"] == ["accept", "block", "drop"]  # no tunnel configured
 
 
 def test_parked_asks_a_new_decider_takes_go_out_after_its_hello_reply() -> None:
