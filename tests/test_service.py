@@ -607,3 +607,19 @@ def test_client_list_reports_each_clients_answers_timeouts_and_latency() -> None
     assert fast["latency_p50_ms"] == 6.0 and fast["latency_p99_ms"] == 10.0
     assert (top["role"], top["answered"], top["latency_p50_ms"]) == ("observer", 0, None)
     assert "pid" not in top
+
+
+def test_a_reroute_event_names_its_target() -> None:
+    from pmk.core.observers import connection_new
+    from pmk.verdicts import Target
+
+    target = Target(bytes([127, 0, 0, 53]), 53)
+    decided = cmd.Decided(key(1), True, Verdict.REROUTE_TO_NAMESERVER, True, "decider", "dns", to=target)
+    event = connection_new(decided)
+    assert (event["verdict"], event["to"], event["direction"], event["ip_version"]) == (
+        "reroute_to_nameserver",
+        "127.0.0.53:53",
+        "outbound",
+        4,
+    )
+    assert "to" not in connection_new(cmd.Decided(key(1), True, Verdict.ACCEPT, True, "operator", ""))
