@@ -97,7 +97,8 @@ async def test_observers_payload_deciders_and_icmp(backend: str) -> None:
 
         decider = await Client.connect(path, decide)
         hello = await decider.hello("e2e-judge", "decider", payload=True)
-        assert hello["verdicts"] == ["accept", "block", "drop"] and hello["verdict_timeout"] == 2.0
+        # Both backends can redirect; no --nameserver or --tunnel was given.
+        assert hello["verdicts"] == ["accept", "block", "drop", "redirect"] and hello["verdict_timeout"] == 2.0
         events: list[dict[str, Any]] = []
         observer = await Client.connect(path)
         observer.on_notification = lambda n: events.append(n.params[0]) if n.method == "connection_new" else None
