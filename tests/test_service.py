@@ -623,3 +623,14 @@ def test_a_reroute_event_names_its_target() -> None:
         4,
     )
     assert "to" not in connection_new(cmd.Decided(key(1), True, Verdict.ACCEPT, True, "operator", ""))
+
+
+def test_a_cached_connections_record_names_its_process() -> None:
+    svc = attributed(FakeOwners())
+    joined_decider(svc)
+    (decide,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0))
+    answer(svc, decide, "accept", permanent=True)
+    (listed,) = svc.handle(ev.ClientRequest(1, 4, "list_connections", [{}]), now=1.0)
+    assert isinstance(listed, cmd.Reply), listed
+    (record,) = listed.result["connections"]
+    assert (record["pid"], record["process"], record["uid"], record["by"]) == (4242, "/usr/bin/dig", 1000, "decider")
