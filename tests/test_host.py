@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pmk.host.owner import Owner, OwnerLookup
+from pmk.core.attribution import Owner
+from pmk.host.owner import OwnerLookup
 from pmk.host.sockets import existing_connections
 from pmk.verdicts import ConnKey, conn_key_from_strings
 from tests.netns import TwoHosts, need_root_reason, two_hosts

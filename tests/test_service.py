@@ -9,9 +9,9 @@ from typing import Any
 
 from pmk.core import commands as cmd
 from pmk.core import events as ev
+from pmk.core.attribution import Owner
 from pmk.core.policy import Policy, default_only, parse_policy
 from pmk.core.service import Service
-from pmk.host.owner import Owner
 from pmk.packet.captured import CapturedPacket
 from pmk.rpc.names import CONNECTION_NEW, PROTOCOL_ERROR, WITHDRAWN
 from pmk.verdicts import ConnKey, Verdict

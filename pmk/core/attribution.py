@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from pmk.verdicts import ConnKey
 
-if TYPE_CHECKING:
-    from pmk.host.owner import Owner
-
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The process that owns a connection's local socket (what every platform's lookup returns)."""
+
+    pid: int
+    process: str | None  # the executable's real path (None when it cannot be read)
+    uid: int | None  # the socket's owner; None where the platform has no uids (Windows)
+
 
 #: (connection key, outbound) -> the local socket's owner, or None when no socket owns it.
 OwnerOf = Callable[[ConnKey, bool], "Owner | None"]

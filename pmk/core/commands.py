@@ -16,7 +16,7 @@ from pmk.rpc.messages import ErrorCode
 from pmk.verdicts import ConnKey, Target, Verdict
 
 if TYPE_CHECKING:
-    from pmk.host.owner import Owner
+    from pmk.core.attribution import Owner
 
 
 @dataclass(frozen=True, slots=True)

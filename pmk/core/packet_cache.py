@@ -14,7 +14,7 @@ from pmk.packet.captured import CapturedPacket
 from pmk.verdicts import ConnKey
 
 if TYPE_CHECKING:
-    from pmk.host.owner import Owner
+    from pmk.core.attribution import Owner
 
 
 class HeldPacket:

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 
+from pmk.core.attribution import Owner
 from pmk.host.procs import ProcessTable
 from pmk.host.sockdiag import SockDiag
 from pmk.verdicts import ConnKey
-
-
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """The process that owns a connection's local socket."""
-
-    pid: int
-    process: str | None  # the executable's real path (None when it cannot be read)
-    uid: int | None  # the socket's owner; None where the platform has no uids (Windows)
 
 
 class OwnerLookup:

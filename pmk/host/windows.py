@@ -29,7 +29,7 @@ if sys.platform != "win32":
 import psutil  # type: ignore[import-untyped]
 import pydivert  # type: ignore[import-untyped]
 
-from pmk.host.owner import Owner
+from pmk.core.attribution import Owner
 from pmk.verdicts import ConnKey
 
 # WINDIVERT_EVENT_SOCKET_* (windivert.h)

@@ -85,17 +85,23 @@ class Server:
         self.bypass_watch = BypassWatch(lambda: self.backend.stats().get("bypassed", 0))
 
     def _platform_owner_lookup(self) -> OwnerOf | None:
-        """Linux: one exact sock_diag request per new connection, in the namespace pmk serves.
+        """The platform's attribution, or None where there is none (pid, process, uid stay nil).
 
-        It runs on the event loop (see ``pmk.core.attribution``). Other
-        platforms have no lookup yet: pid, process and uid stay nil.
+        Linux: one exact sock_diag request per new connection, in the namespace
+        pmk serves; it runs on the event loop (see ``pmk.core.attribution``).
+        Windows (UNTESTED): a table fed by a sniff-only WinDivert SOCKET handle.
         """
-        if sys.platform != "linux":
-            return None
-        from pmk.host.owner import OwnerLookup
-
         try:
-            lookup = OwnerLookup()
+            if sys.platform == "linux":
+                from pmk.host.owner import OwnerLookup
+
+                lookup = OwnerLookup()
+            elif sys.platform == "win32":
+                from pmk.host.windows import WindowsOwnerLookup
+
+                lookup = WindowsOwnerLookup()
+            else:
+                return None
         except OSError as error:
             log.warning("process attribution unavailable: %s", error)
             return None
