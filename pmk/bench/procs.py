@@ -78,9 +78,11 @@ class Proc:
         return self.ps.memory_info().rss
 
     def stderr_tail(self) -> str:
+        """The end of what the process wrote to stderr so far (without waiting, also while it runs)."""
         with contextlib.suppress(Exception):
-            if self.popen.poll() is not None and self.popen.stderr is not None:
-                return self.popen.stderr.read()[-800:]
+            if self.popen.stderr is not None:
+                os.set_blocking(self.popen.stderr.fileno(), False)
+                return (self.popen.stderr.read() or "")[-800:]
         return ""
 
     def stop(self, timeout: float = 10.0) -> None:

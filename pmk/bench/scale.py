@@ -1,0 +1,324 @@
+"""Row S: the cached and the new-connection path with 1k to 1M live connections held.
+
+Live connections are made the way real ones are: the first packet of each of N
+new flows (``pmk.bench.traffic --new-flows``) is decided by the accept-all
+decider, so every one is in pmk's verdict cache and, on nfqueue, a marked
+conntrack entry in the server namespace. Filling goes at a steady rate in
+passes; a flow the kernel queue dropped is simply sent again in the next pass
+(the ones already held are cache hits). Each size gets a fresh pmk (and an
+emptied conntrack table), so the new-connection run of one size does not
+inflate the next.
+
+Per size: the cached path (the N flows replayed round-robin, so every packet is
+a hit on a different connection; on nfqueue the kernel carries them and pmk's
+CPU stays ~0), the new-connection path at row D's peak rate, RSS per held
+connection at 50k and 1M, and at 100k the time of ``update_verdict`` and
+``clear_cache`` while ``get_stats`` is sampled every 10 ms on another
+connection (its latency then stands for how long the event loop stalls).
+
+conntrack: ``nf_conntrack_max`` is the machine's (read-only in a namespace,
+and per-namespace counts are held to it), 262,144 by default. Sizes that do
+not fit are skipped on nfqueue unless ``--conntrack-max`` raises it for the run.
+UDP entries would expire after 30 s; the server namespace keeps them an hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import statistics
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pmk.bench.traffic import new_flow_source
+from pmk.client import Client, RemoteError
+
+if TYPE_CHECKING:
+    from pmk.bench.runner import Bench, PmkHandle
+
+#: Held connections at which RSS per connection is read (during the fill).
+MEM_CHECKPOINTS = (50_000, 1_000_000)
+#: The size at which update_verdict and clear_cache are timed (or the largest size below it).
+OPS_SIZE = 100_000
+#: Fill passes: each resends the flows of the chunk; held ones are cache hits.
+FILL_PASSES = 3
+#: get_stats is sampled this often (seconds) while an operator call runs.
+SAMPLE_EVERY = 0.01
+#: update_verdict calls timed at OPS_SIZE (one live connection each).
+UPDATE_CALLS = 5
+#: Conntrack entries left free for everything else in the namespace.
+CONNTRACK_HEADROOM = 20_000
+UDP_TIMEOUT_S = 3600
+CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"
+#: Offered new connections/s when row D has no peak and none is given (--scale-rate).
+FALLBACK_RATE = 8_000.0
+
+
+@contextlib.contextmanager
+def conntrack_max_at_least(value: int) -> Iterator[int]:
+    """The machine's nf_conntrack_max, raised to ``value`` for the block if asked (0: as is)."""
+    with open(CONNTRACK_MAX) as f:
+        old = int(f.read())
+    if value <= old:
+        yield old
+        return
+    with open(CONNTRACK_MAX, "w") as f:
+        f.write(str(value))
+    try:
+        yield value
+    finally:
+        with open(CONNTRACK_MAX, "w") as f:
+            f.write(str(old))
+
+
+def conntrack_entry_bytes() -> int | None:
+    """The kernel's size of one conntrack entry (slab object), if /proc/slabinfo says."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/slabinfo") as f:
+        for line in f:
+            if line.startswith("nf_conntrack "):
+                return int(line.split()[3])
+    return None
+
+
+class Scale:
+    def __init__(self, bench: Bench, backend: str) -> None:
+        self.bench, self.backend = bench, backend
+        self.nfqueue = backend == "nfqueue"
+
+    def run(self) -> None:
+        settings = self.bench.settings
+        rate = settings.scale_rate or self._peak()
+        with conntrack_max_at_least(settings.conntrack_max if self.nfqueue else 0) as ct_max:
+            for size in settings.scale_sizes:
+                key = f"S_{self.backend}_{size}"
+                if self.nfqueue and size + CONNTRACK_HEADROOM > ct_max:
+                    self.bench.extra[key] = {"size": size, "skipped": f"nf_conntrack_max is {ct_max:,}"}
+                    continue
+                self.bench.extra[key] = self.one_size(size, rate)
+
+    def _peak(self) -> float:
+        row = "D" if self.backend == "divert" else "Dn"
+        return self.bench.measure(row, "conns").get("pps") or FALLBACK_RATE
+
+    def one_size(self, size: int, rate: float) -> dict[str, Any]:
+        bench = self.bench
+        bench.log(f"S: pmk {self.backend} with {size:,} live connections (new connections at {rate:,.0f}/s)")
+        if self.nfqueue:
+            bench.hosts.sh(bench.hosts.server, "conntrack", "-F", check=False)
+            bench.hosts.sh(
+                bench.hosts.server, "sysctl", "-qw", f"net.netfilter.nf_conntrack_udp_timeout={UDP_TIMEOUT_S}"
+            )
+        cache = 2 * size + 500_000  # room for the new-connection run: nothing is evicted
+        with bench.pmk(self.backend, "--verdict-cache", str(cache)) as pmk:
+            first = bench.new_seq(size)
+            out: dict[str, Any] = {"size": size, "rss_idle": pmk.idle_rss, "memory": []}
+            done = 0
+            started = time.monotonic()
+            for target in sorted({c for c in MEM_CHECKPOINTS if c < size} | {size}):
+                held = self.fill(pmk, first + done, target - done, 0.8 * rate, expect=target)
+                done = target
+                if target in MEM_CHECKPOINTS:
+                    out["memory"].append({"held": held, "rss": pmk.proc.rss()})
+            out["fill_seconds"] = time.monotonic() - started
+            stats = pmk.settled_stats()
+            out["held"] = stats["verdict_cache_entries"]
+            out["conntrack"] = self.conntrack_count()
+            out["rss_full"] = pmk.proc.rss()
+            # nfqueue: the kernel carries cached connections, so count them on the veth.
+            captured = lambda: int(pmk.stats()["captured"])  # noqa: E731
+            counter = bench.veth_packets if self.nfqueue else captured
+            out["cached"] = bench.flood_window(counter, pmk.proc, replay=(first, size))
+            accepted = lambda: int(pmk.stats()["accepted"])  # noqa: E731
+            out["new"] = bench.flood_window(accepted, pmk.proc, new_flows=True, rate=rate)
+            if size == self.ops_size():
+                out["ops"] = self.time_ops(pmk, first, size)
+            out["stats"] = pmk.settled_stats()
+        return out
+
+    def ops_size(self) -> int:
+        below = [s for s in self.bench.settings.scale_sizes if s <= OPS_SIZE]
+        return max(below) if below else 0
+
+    def fill(self, pmk: PmkHandle, first: int, count: int, rate: float, expect: int) -> int:
+        """Send the first packet of ``count`` new flows until pmk holds ``expect``; return what it holds."""
+        bench = self.bench
+        held = 0
+        for _ in range(FILL_PASSES):
+            seconds = count / rate
+            receiver = bench.udp_receiver(seconds + 3, sample=1000)
+            sender = bench.udp_sender(seconds=seconds + 5, rate=rate, count=count, replay=(first, count))
+            sender.wait_json(seconds + 60)
+            bench.procs.stop(receiver)
+            held = int(pmk.settled_stats()["verdict_cache_entries"])
+            if held >= expect:
+                break
+        return held
+
+    def conntrack_count(self) -> int | None:
+        if not self.nfqueue:
+            return None
+        hosts = self.bench.hosts
+        out = hosts.sh(hosts.server, "cat", "/proc/sys/net/netfilter/nf_conntrack_count", check=False)
+        return int(out.stdout) if out.returncode == 0 else None
+
+    def conn(self, seq: int) -> dict[str, Any]:
+        """update_verdict's ``conn`` for new flow ``seq`` (pmk's side is the local one)."""
+        ip, port = new_flow_source(seq)
+        return {
+            "protocol": socket.IPPROTO_UDP,
+            "local_ip": self.bench.hosts.server_ip,
+            "local_port": self.bench.port,
+            "remote_ip": socket.inet_ntoa(ip),
+            "remote_port": port,
+        }
+
+    def time_ops(self, pmk: PmkHandle, first: int, size: int) -> dict[str, Any]:
+        conns = [self.conn(first + i * size // UPDATE_CALLS) for i in range(UPDATE_CALLS)]
+        self.bench.log(f"S: timing update_verdict and clear_cache with {size:,} held, get_stats every 10 ms")
+        try:
+            return asyncio.run(_time_ops(pmk.sock, conns))
+        except (OSError, TimeoutError, RemoteError) as error:
+            time.sleep(0.5)
+            alive = pmk.proc.popen.poll() is None
+            return {"error": f"{type(error).__name__}: {error}; pmk {'alive' if alive else 'exited'}"} | {
+                "pmk_stderr": pmk.proc.stderr_tail()
+            }
+
+
+async def _time_ops(path: str, conns: list[dict[str, Any]]) -> dict[str, Any]:
+    sampler, operator = await Client.connect(path), await Client.connect(path)
+    samples: list[tuple[float, float]] = []  # (start, latency)
+    stop = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            await asyncio.wait_for(sampler.call("get_stats"), 60)
+            took = time.perf_counter() - t0
+            samples.append((t0, took))
+            await asyncio.sleep(max(0.0, SAMPLE_EVERY - took))
+
+    async def timed(method: str, *params: Any) -> tuple[float, float, Any]:
+        t0 = time.perf_counter()
+        result = await asyncio.wait_for(operator.call(method, *params), 600)
+        return t0, time.perf_counter(), result
+
+    task = asyncio.create_task(sample())
+    try:
+        await asyncio.sleep(0.5)
+        quiet = [lat for _, lat in samples]
+        updates = []
+        for conn in conns:
+            updates.append(await timed("update_verdict", conn, "block"))
+            await asyncio.sleep(0.05)
+        clear = await timed("clear_cache")
+        await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await task
+        sampler.close()
+        operator.close()
+
+    def during(windows: list[tuple[float, float, Any]]) -> list[float]:
+        return sorted(lat for start, lat in samples if any(t0 - SAMPLE_EVERY <= start <= t1 for t0, t1, _ in windows))
+
+    return {
+        "get_stats_quiet": _summary(sorted(quiet)),
+        "update_verdict_s": [t1 - t0 for t0, t1, _ in updates],
+        "update_verdict_get_stats": _summary(during(updates)),
+        "clear_cache_s": clear[1] - clear[0],
+        "clear_cache_removed": clear[2],
+        "clear_cache_get_stats": _summary(during([clear])),
+    }
+
+
+def _summary(latencies: list[float]) -> dict[str, float | int]:
+    if not latencies:
+        return {"n": 0}
+    return {
+        "n": len(latencies),
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "max": latencies[-1],
+    }
+
+
+# -- report ------------------------------------------------------------------
+
+
+def _ms(summary: dict[str, float | int], key: str) -> str:
+    return f"{summary[key] * 1e3:.1f}" if key in summary else "-"
+
+
+def scale_report(bench: Bench) -> list[str]:
+    lines: list[str] = []
+    for backend in ("divert", "nfqueue"):
+        results = [v for k, v in bench.extra.items() if k.startswith(f"S_{backend}_")]
+        if not results:
+            continue
+        lines += ["", f"row S, pmk {backend}: a fresh pmk per size holding that many live connections"]
+        header = (
+            f"{'live conns':>10} {'held':>9} {'conntrack':>9} {'cached pkt/s':>12} {'CPU s/100k':>10} "
+            f"{'new conns/s':>11} {'offered/s':>9} {'CPU s/100k':>10} {'RSS MB':>7} {'B/conn':>6} {'fill s':>6}"
+        )
+        lines += [header, "-" * len(header)]
+        for r in sorted(results, key=lambda r: r["size"]):
+            if "skipped" in r:
+                lines.append(f"{r['size']:>10,} skipped: {r['skipped']} (see --conntrack-max)")
+                continue
+            cached, new = r["cached"], r["new"]
+            per_conn = (r["rss_full"] - r["rss_idle"]) / r["held"] if r["held"] else None
+            lines.append(
+                f"{r['size']:>10,} {r['held']:>9,} {_opt(r['conntrack']):>9} {cached['pps']:>12,.0f} "
+                f"{_opt(cached['cpu100k'], '.2f'):>10} {new['pps']:>11,.0f} {new['offered_pps']:>9,.0f} "
+                f"{_opt(new['cpu100k'], '.2f'):>10} {r['rss_full'] / 2**20:>7.1f} {_opt(per_conn, '.0f'):>6} "
+                f"{r['fill_seconds']:>6.0f}"
+            )
+        lines += _spread(results)
+        for r in results:
+            for point in r.get("memory", []):
+                grown = point["rss"] - r["rss_idle"]
+                lines.append(
+                    f"memory: {point['held']:,} held: RSS {r['rss_idle'] / 2**20:.1f} -> "
+                    f"{point['rss'] / 2**20:.1f} MB, {grown / max(1, point['held']):.0f} B per connection "
+                    "(target <= 200)"
+                )
+            ops = r.get("ops")
+            if ops and "error" in ops:
+                lines.append(f"operator calls with {r['size']:,} held failed: {ops['error']}")
+                lines += [f"  pmk: {text}" for text in ops["pmk_stderr"].splitlines()[-5:]]
+            elif ops:
+                upd = ops["update_verdict_get_stats"]
+                clr = ops["clear_cache_get_stats"]
+                lines.append(
+                    f"operator calls with {r['size']:,} held: update_verdict max "
+                    f"{max(ops['update_verdict_s']) * 1e3:.1f} ms (get_stats meanwhile max {_ms(upd, 'max')} ms, "
+                    f"p99 {_ms(upd, 'p99')} ms); clear_cache {ops['clear_cache_s'] * 1e3:.1f} ms for "
+                    f"{ops['clear_cache_removed']:,} (get_stats meanwhile max {_ms(clr, 'max')} ms, p99 "
+                    f"{_ms(clr, 'p99')} ms, {clr['n']} samples); quiet get_stats p99 "
+                    f"{_ms(ops['get_stats_quiet'], 'p99')} ms (targets: < 1 s, get_stats < 50 ms)"
+                )
+    if lines and (ct := conntrack_entry_bytes()):
+        lines.append(f"kernel: one conntrack entry is a {ct} B slab object (1M entries: {ct * 1e6 / 2**20:.0f} MB)")
+    return lines
+
+
+def _opt(value: float | None, spec: str = ",") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _spread(results: list[dict[str, Any]]) -> list[str]:
+    """Smallest to largest size: how far throughput and CPU moved (target: within 20%)."""
+    done = sorted((r for r in results if "skipped" not in r), key=lambda r: r["size"])
+    if len(done) < 2:
+        return []
+    small, large = done[0], done[-1]
+    parts = []
+    for path in ("cached", "new"):
+        for key, name in (("pps", "rate"), ("cpu100k", "CPU")):
+            a, b = small[path].get(key), large[path].get(key)
+            if a and b:
+                parts.append(f"{path} {name} {100 * (b / a - 1):+.0f}%")
+    return [f"{small['size']:,} -> {large['size']:,}: " + ", ".join(parts) + " (target: within 20%)"]
