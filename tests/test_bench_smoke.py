@@ -73,6 +73,6 @@ def test_bench_scale_row_quick() -> None:
         assert held == "1,000", size_row  # every filled connection is held
         assert float(cached_pps.replace(",", "")) > 0, size_row
         assert "operator calls with 1,000 held" in section, section
-    assert "update_verdict max" in table.split("row S, pmk nfqueue")[0]
+    assert "update_verdict x5: max" in table.split("row S, pmk nfqueue")[0]
     with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:
         assert f.read() == conntrack_max  # left as it was

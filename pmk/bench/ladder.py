@@ -3,7 +3,7 @@
 Pure (no I/O): the runner asks ``next_rate()``, offers that rate, and hands the
 outcome to ``record()``. Offered rates climb geometrically for as long as the
 decided rate keeps rising, also past the first rate pmk does not follow within
-10% (that first miss was where the old ladder stopped, 2.4x below the peak); the
+10% (that first miss was where the old ladder stopped, well below the peak); the
 climb ends after ``flat_steps`` steps in a row that raise the best decided rate
 by less than ``gain``, or when the generator cannot offer more. Then one step
 on each side of the best offered rate (geometric midpoints) sharpens the peak.

@@ -130,6 +130,12 @@ def _new_connections(bench: Bench) -> list[str]:
     return lines
 
 
+def _rest(o: dict[str, Any]) -> str:
+    """What the counters do not explain (the generator's count against pmk's and the kernel's)."""
+    rest = o["sent"] - o["captured"] - o["queue_dropped"] - o["bypassed"]
+    return f"{rest:+,} ({_pct(rest, o['sent'])})"
+
+
 def _overload(bench: Bench) -> list[str]:
     lines = []
     for key in sorted(k for k in bench.extra if k.startswith("O_")):
@@ -147,7 +153,8 @@ def _overload(bench: Bench) -> list[str]:
             f"{bench.settings.overload_seconds:g}s: decided {o['decided_pps']:,.0f}/s = {100 * share:.0f}% "
             f"of the peak (target >= {100 * TARGET_OVERLOAD_SHARE:.0f}%); RSS {o['rss_before'] / 2**20:.1f} -> "
             f"{o['rss_after'] / 2**20:.1f} MB (peak {o['peak_rss'] / 2**20:.1f}); {loss} of "
-            f"{o['sent']:,} offered; captured {o['captured']:,}, evicted {o['evicted']:,}; "
+            f"{o['sent']:,} offered; offered = captured {o['captured']:,} + dropped before pmk "
+            f"{o['queue_dropped']:,} + bypassed {o['bypassed']:,} {_rest(o)}; evicted {o['evicted']:,}; "
             f"stats identity {'holds' if o['identity_holds'] else 'BROKEN'}"
         )
     return lines

@@ -34,13 +34,10 @@ from pmk.testing.netns import TwoHosts, need_root_reason, two_hosts
 PY = sys.executable
 PORT = 5201
 SPORT = 41000
-MTU = 1500
-#: RSS per verdict cache entry (ConnKey, two address bytes, entry, dict slot): tracemalloc
-#: counts 340 B, RSS grew ~420 B per entry (overload with and without --verdict-cache 1024).
-#: Under overload the growth of RSS is mostly these (see benchmarks/README.md).
-VERDICT_ENTRY_BYTES = 420
 #: Row D's first offered rate (new connections/s); later repeats start at half the last peak.
 D_START = 5_000
+#: Pause between ladder steps, after pmk holds nothing any more.
+LADDER_PAUSE_S = 1.0
 #: Row O: offered rates as multiples of row D's peak.
 OVERLOAD_FACTORS = (2, 5)
 #: New connections per second at which the first packet's added latency is measured.
@@ -59,7 +56,7 @@ class Settings:
     packet_cache: int = 1024
     divert_args: list[str] = field(default_factory=list)
     nfqueue_args: list[str] = field(default_factory=list)
-    rows: str = "ABCFDEO"
+    rows: str = "ABCFDEOS"
     scale_sizes: tuple[int, ...] = SCALE_SIZES
     #: Row S raises the machine's nf_conntrack_max to this for the run (0: leave it; sizes that
     #: do not fit in it are skipped on nfqueue). The old value is put back at the end.
@@ -350,6 +347,10 @@ class Bench:
             result = self.flood_window(accepted, pmk.proc, new_flows=True, rate=rate)
             ladder.record(Step(rate, result["offered_pps"], result["pps"], result["cpu100k"]))
             self.log(f"  offered {result['offered_pps']:,.0f}/s: decided {result['pps']:,.0f}/s")
+            # A step past the peak leaves a backlog (queues, held packets) that would slow the
+            # next step down: let pmk drain first.
+            pmk.settled_stats()
+            time.sleep(LADDER_PAUSE_S)
         return ladder
 
     def row_d(self, backend: str) -> None:
@@ -431,6 +432,7 @@ class Bench:
                     rate=factor * peak,
                 )
                 s1 = pmk.settled_stats()
+                delta = _delta(s0, s1)
                 self.extra[f"O_{backend}_{factor}x"] = {
                     "factor": factor,
                     "peak": peak,
@@ -444,7 +446,10 @@ class Bench:
                     "identity_holds": identity_holds(s1),
                     "stats": s1,
                     "captured": s1["captured"] - s0["captured"],
-                    "kernel_dropped": s1.get("kernel_queue_dropped", 0) - s0.get("kernel_queue_dropped", 0),
+                    "kernel_dropped": delta("kernel_queue_dropped") + delta("kernel_user_dropped"),
+                    "queue_dropped": delta("kernel_queue_dropped")
+                    + delta("kernel_user_dropped")
+                    + delta("divert_queue_full"),
                     "bypassed": s1["bypassed"] - s0["bypassed"],
                     "evicted": s1["evicted"] - s0["evicted"],
                 }
@@ -523,6 +528,11 @@ class PmkHandle:
         while (stats := self.stats())["pending"] and time.monotonic() < deadline:
             time.sleep(0.1)
         return stats
+
+
+def _delta(before: dict[str, Any], after: dict[str, Any]) -> Callable[[str], int]:
+    """How much one counter grew between two stats snapshots (0 if the backend lacks it)."""
+    return lambda name: int(after.get(name, 0)) - int(before.get(name, 0))
 
 
 def identity_holds(stats: dict[str, Any]) -> bool:

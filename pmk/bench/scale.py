@@ -177,43 +177,52 @@ class Scale:
     def time_ops(self, pmk: PmkHandle, first: int, size: int) -> dict[str, Any]:
         conns = [self.conn(first + i * size // UPDATE_CALLS) for i in range(UPDATE_CALLS)]
         self.bench.log(f"S: timing update_verdict and clear_cache with {size:,} held, get_stats every 10 ms")
-        try:
-            return asyncio.run(_time_ops(pmk.sock, conns))
-        except (OSError, TimeoutError, RemoteError) as error:
+        ops = asyncio.run(_time_ops(pmk.sock, conns))
+        if any("error" in call for call in ops["calls"]):
             time.sleep(0.5)
-            alive = pmk.proc.popen.poll() is None
-            return {"error": f"{type(error).__name__}: {error}; pmk {'alive' if alive else 'exited'}"} | {
-                "pmk_stderr": pmk.proc.stderr_tail()
-            }
+            ops["pmk_alive"] = pmk.proc.popen.poll() is None
+            ops["pmk_stderr"] = pmk.proc.stderr_tail()
+        return ops
 
 
 async def _time_ops(path: str, conns: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each call's time and the get_stats latencies sampled meanwhile; a failed call is recorded, not raised."""
     sampler, operator = await Client.connect(path), await Client.connect(path)
     samples: list[tuple[float, float]] = []  # (start, latency)
     stop = asyncio.Event()
+    sampler_error: list[str] = []
 
     async def sample() -> None:
         while not stop.is_set():
             t0 = time.perf_counter()
-            await asyncio.wait_for(sampler.call("get_stats"), 60)
+            try:
+                await asyncio.wait_for(sampler.call("get_stats"), 60)
+            except (OSError, TimeoutError, RemoteError) as error:
+                sampler_error.append(f"{type(error).__name__}: {error}")
+                return
             took = time.perf_counter() - t0
             samples.append((t0, took))
             await asyncio.sleep(max(0.0, SAMPLE_EVERY - took))
 
-    async def timed(method: str, *params: Any) -> tuple[float, float, Any]:
+    async def timed(method: str, *params: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
-        result = await asyncio.wait_for(operator.call(method, *params), 600)
-        return t0, time.perf_counter(), result
+        call: dict[str, Any] = {"method": method}
+        try:
+            call["result"] = await asyncio.wait_for(operator.call(method, *params), 600)
+        except (OSError, TimeoutError, RemoteError) as error:
+            call["error"] = f"{type(error).__name__}: {error}"
+        call["t0"], call["t1"] = t0, time.perf_counter()
+        return call
 
     task = asyncio.create_task(sample())
+    calls = []
     try:
         await asyncio.sleep(0.5)
-        quiet = [lat for _, lat in samples]
-        updates = []
+        quiet = sorted(lat for _, lat in samples)
         for conn in conns:
-            updates.append(await timed("update_verdict", conn, "block"))
+            calls.append(await timed("update_verdict", conn, "block"))
             await asyncio.sleep(0.05)
-        clear = await timed("clear_cache")
+        calls.append(await timed("clear_cache"))
         await asyncio.sleep(0.2)
     finally:
         stop.set()
@@ -221,16 +230,15 @@ async def _time_ops(path: str, conns: list[dict[str, Any]]) -> dict[str, Any]:
         sampler.close()
         operator.close()
 
-    def during(windows: list[tuple[float, float, Any]]) -> list[float]:
-        return sorted(lat for start, lat in samples if any(t0 - SAMPLE_EVERY <= start <= t1 for t0, t1, _ in windows))
+    def during(method: str) -> dict[str, float | int]:
+        windows = [(c["t0"] - SAMPLE_EVERY, c["t1"]) for c in calls if c["method"] == method]
+        return _summary(sorted(lat for start, lat in samples if any(a <= start <= b for a, b in windows)))
 
     return {
-        "get_stats_quiet": _summary(sorted(quiet)),
-        "update_verdict_s": [t1 - t0 for t0, t1, _ in updates],
-        "update_verdict_get_stats": _summary(during(updates)),
-        "clear_cache_s": clear[1] - clear[0],
-        "clear_cache_removed": clear[2],
-        "clear_cache_get_stats": _summary(during([clear])),
+        "calls": calls,
+        "get_stats_quiet": _summary(quiet),
+        "get_stats_during": {method: during(method) for method in ("update_verdict", "clear_cache")},
+        "sampler_error": sampler_error[0] if sampler_error else None,
     }
 
 
@@ -281,27 +289,38 @@ def scale_report(bench: Bench) -> list[str]:
             for point in r.get("memory", []):
                 grown = point["rss"] - r["rss_idle"]
                 lines.append(
-                    f"memory: {point['held']:,} held: RSS {r['rss_idle'] / 2**20:.1f} -> "
+                    f"memory (run of {r['size']:,}): {point['held']:,} held: RSS {r['rss_idle'] / 2**20:.1f} -> "
                     f"{point['rss'] / 2**20:.1f} MB, {grown / max(1, point['held']):.0f} B per connection "
                     "(target <= 200)"
                 )
-            ops = r.get("ops")
-            if ops and "error" in ops:
-                lines.append(f"operator calls with {r['size']:,} held failed: {ops['error']}")
-                lines += [f"  pmk: {text}" for text in ops["pmk_stderr"].splitlines()[-5:]]
-            elif ops:
-                upd = ops["update_verdict_get_stats"]
-                clr = ops["clear_cache_get_stats"]
-                lines.append(
-                    f"operator calls with {r['size']:,} held: update_verdict max "
-                    f"{max(ops['update_verdict_s']) * 1e3:.1f} ms (get_stats meanwhile max {_ms(upd, 'max')} ms, "
-                    f"p99 {_ms(upd, 'p99')} ms); clear_cache {ops['clear_cache_s'] * 1e3:.1f} ms for "
-                    f"{ops['clear_cache_removed']:,} (get_stats meanwhile max {_ms(clr, 'max')} ms, p99 "
-                    f"{_ms(clr, 'p99')} ms, {clr['n']} samples); quiet get_stats p99 "
-                    f"{_ms(ops['get_stats_quiet'], 'p99')} ms (targets: < 1 s, get_stats < 50 ms)"
-                )
+            if r.get("ops"):
+                lines += _ops_report(r["size"], r["ops"])
     if lines and (ct := conntrack_entry_bytes()):
         lines.append(f"kernel: one conntrack entry is a {ct} B slab object (1M entries: {ct * 1e6 / 2**20:.0f} MB)")
+    return lines
+
+
+def _ops_report(size: int, ops: dict[str, Any]) -> list[str]:
+    lines = [f"operator calls with {size:,} held (targets: each < 1 s, get_stats meanwhile < 50 ms):"]
+    for method in ("update_verdict", "clear_cache"):
+        calls = [c for c in ops["calls"] if c["method"] == method]
+        if not calls:
+            continue
+        took = max(c["t1"] - c["t0"] for c in calls)
+        stats = ops["get_stats_during"][method]
+        failed = [c["error"] for c in calls if "error" in c]
+        result = f"; removed {calls[0]['result']:,}" if method == "clear_cache" and not failed else ""
+        lines.append(
+            f"  {method} x{len(calls)}: max {took * 1e3:.1f} ms{result}; get_stats meanwhile max "
+            f"{_ms(stats, 'max')} ms, p99 {_ms(stats, 'p99')} ms ({stats['n']} samples)"
+            + (f"; FAILED {len(failed)}: {failed[0]}" if failed else "")
+        )
+    lines.append(f"  get_stats with no call running: p99 {_ms(ops['get_stats_quiet'], 'p99')} ms")
+    if ops.get("sampler_error"):
+        lines.append(f"  get_stats sampling stopped: {ops['sampler_error']}")
+    if "pmk_stderr" in ops:
+        lines.append(f"  pmk {'still runs' if ops['pmk_alive'] else 'exited'}; its stderr ends:")
+        lines += [f"    {text}" for text in ops["pmk_stderr"].splitlines()[-3:]]
     return lines
 
 
