@@ -136,6 +136,13 @@ def _rest(o: dict[str, Any]) -> str:
     return f"{rest:+,} ({_pct(rest, o['sent'])})"
 
 
+def _conntrack(o: dict[str, Any]) -> str:
+    """nfqueue: new flows the kernel dropped or early-dropped for a full conntrack table."""
+    if not o.get("conntrack_dropped") and not o.get("conntrack_early_drop"):
+        return ""
+    return f" (conntrack table full: {o['conntrack_dropped']:,} dropped, {o['conntrack_early_drop']:,} early drops)"
+
+
 def _overload(bench: Bench) -> list[str]:
     lines = []
     for key in sorted(k for k in bench.extra if k.startswith("O_")):
@@ -154,7 +161,8 @@ def _overload(bench: Bench) -> list[str]:
             f"of the peak (target >= {100 * TARGET_OVERLOAD_SHARE:.0f}%); RSS {o['rss_before'] / 2**20:.1f} -> "
             f"{o['rss_after'] / 2**20:.1f} MB (peak {o['peak_rss'] / 2**20:.1f}); {loss} of "
             f"{o['sent']:,} offered; offered = captured {o['captured']:,} + dropped before pmk "
-            f"{o['queue_dropped']:,} + bypassed {o['bypassed']:,} {_rest(o)}; evicted {o['evicted']:,}; "
+            f"{o['queue_dropped']:,} + bypassed {o['bypassed']:,} {_rest(o)}{_conntrack(o)}; "
+            f"evicted {o['evicted']:,}; "
             f"stats identity {'holds' if o['identity_holds'] else 'BROKEN'}"
         )
     return lines

@@ -263,7 +263,7 @@ class Bench:
             while "serving on" not in proc.line(20):
                 pass
             decider = self.procs.start([PY, "-m", "pmk.bench.decider", "--pipe", sock], name="decider")
-            handle = PmkHandle(proc, sock)
+            handle = PmkHandle(proc, sock, backend)
             deadline = time.monotonic() + 15
             while handle.stats().get("deciders", 0) < 1:
                 if time.monotonic() > deadline:
@@ -348,8 +348,11 @@ class Bench:
             ladder.record(Step(rate, result["offered_pps"], result["pps"], result["cpu100k"]))
             self.log(f"  offered {result['offered_pps']:,.0f}/s: decided {result['pps']:,.0f}/s")
             # A step past the peak leaves a backlog (queues, held packets) that would slow the
-            # next step down: let pmk drain first.
+            # next step down: let pmk drain first. On nfqueue each new flow is also a conntrack
+            # entry for 30 s; emptied, so that no step meets a full table left by the last.
             pmk.settled_stats()
+            if pmk.backend == "nfqueue":
+                self.hosts.sh(self.hosts.server, "conntrack", "-F", check=False)
             time.sleep(LADDER_PAUSE_S)
         return ladder
 
@@ -406,6 +409,16 @@ class Bench:
         finally:
             self.procs.stop(server)
 
+    def conntrack_counters(self) -> dict[str, int]:
+        """The server namespace's conntrack counters (``conntrack -S``, summed over CPUs)."""
+        out = self.hosts.sh(self.hosts.server, "conntrack", "-S", check=False)
+        totals: dict[str, int] = {}
+        for field_ in out.stdout.split():
+            name, _, value = field_.partition("=")
+            if value.isdigit() and name != "cpu":
+                totals[name] = totals.get(name, 0) + int(value)
+        return totals
+
     def peak_of(self, backend: str) -> float:
         """Row D's peak for ``backend`` (measured now if row D did not run)."""
         row = "D" if backend == "divert" else "Dn"
@@ -423,7 +436,7 @@ class Bench:
         for factor in OVERLOAD_FACTORS:
             self.log(f"O: pmk {backend}, new connections at {factor}x the peak ({factor * peak:,.0f}/s) for {seconds}s")
             with self.pmk(backend) as pmk:
-                s0 = pmk.stats()
+                s0, ct0 = pmk.stats(), self.conntrack_counters()
                 result = self.flood_window(
                     lambda: int(pmk.stats()["accepted"]),
                     pmk.proc,
@@ -432,7 +445,7 @@ class Bench:
                     rate=factor * peak,
                 )
                 s1 = pmk.settled_stats()
-                delta = _delta(s0, s1)
+                delta, ct_delta = _delta(s0, s1), _delta(ct0, self.conntrack_counters())
                 self.extra[f"O_{backend}_{factor}x"] = {
                     "factor": factor,
                     "peak": peak,
@@ -452,6 +465,9 @@ class Bench:
                     + delta("divert_queue_full"),
                     "bypassed": s1["bypassed"] - s0["bypassed"],
                     "evicted": s1["evicted"] - s0["evicted"],
+                    # Table full: the kernel drops a new flow before any hook sees it.
+                    "conntrack_dropped": ct_delta("drop") + ct_delta("insert_failed"),
+                    "conntrack_early_drop": ct_delta("early_drop"),
                 }
 
     def overload(self, backend: str) -> None:
@@ -506,8 +522,8 @@ class Bench:
 
 
 class PmkHandle:
-    def __init__(self, proc: Proc, sock: str) -> None:
-        self.proc, self.sock = proc, sock
+    def __init__(self, proc: Proc, sock: str, backend: str) -> None:
+        self.proc, self.sock, self.backend = proc, sock, backend
         self.idle_rss = 0
 
     def stats(self) -> dict[str, Any]:

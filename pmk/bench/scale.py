@@ -131,7 +131,12 @@ class Scale:
             counter = bench.veth_packets if self.nfqueue else captured
             out["cached"] = bench.flood_window(counter, pmk.proc, replay=(first, size))
             accepted = lambda: int(pmk.stats()["accepted"])  # noqa: E731
+            ct0 = bench.conntrack_counters() if self.nfqueue else {}
             out["new"] = bench.flood_window(accepted, pmk.proc, new_flows=True, rate=rate)
+            if self.nfqueue:
+                # New flows the kernel dropped for a full table never reach pmk.
+                ct1 = bench.conntrack_counters()
+                out["new"]["conntrack_dropped"] = sum(ct1.get(k, 0) - ct0.get(k, 0) for k in ("drop", "insert_failed"))
             if size == self.ops_size():
                 out["ops"] = self.time_ops(pmk, first, size)
             out["stats"] = pmk.settled_stats()
@@ -285,6 +290,11 @@ def scale_report(bench: Bench) -> list[str]:
                 f"{r['fill_seconds']:>6.0f}"
             )
         lines += _spread(results)
+        lines += [
+            f"conntrack dropped {r['new']['conntrack_dropped']:,} new flows (table full) in the run of {r['size']:,}"
+            for r in results
+            if r.get("new", {}).get("conntrack_dropped")
+        ]
         for r in results:
             for point in r.get("memory", []):
                 grown = point["rss"] - r["rss_idle"]
