@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from pmk.bench.traffic import new_flow_source
 from pmk.client import Client, RemoteError
+from pmk.rpc import names
 
 if TYPE_CHECKING:
     from pmk.bench.runner import Bench, PmkHandle
@@ -201,7 +202,7 @@ async def _time_ops(path: str, conns: list[dict[str, Any]]) -> dict[str, Any]:
         while not stop.is_set():
             t0 = time.perf_counter()
             try:
-                await asyncio.wait_for(sampler.call("get_stats"), 60)
+                await asyncio.wait_for(sampler.call(names.GET_STATS), 60)
             except (OSError, TimeoutError, RemoteError) as error:
                 sampler_error.append(f"{type(error).__name__}: {error}")
                 return
@@ -225,9 +226,9 @@ async def _time_ops(path: str, conns: list[dict[str, Any]]) -> dict[str, Any]:
         await asyncio.sleep(0.5)
         quiet = sorted(lat for _, lat in samples)
         for conn in conns:
-            calls.append(await timed("update_verdict", conn, "block"))
+            calls.append(await timed(names.UPDATE_VERDICT, conn, "block"))
             await asyncio.sleep(0.05)
-        calls.append(await timed("clear_cache"))
+        calls.append(await timed(names.CLEAR_CACHE))
         await asyncio.sleep(0.2)
     finally:
         stop.set()
@@ -242,7 +243,7 @@ async def _time_ops(path: str, conns: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "calls": calls,
         "get_stats_quiet": _summary(quiet),
-        "get_stats_during": {method: during(method) for method in ("update_verdict", "clear_cache")},
+        "get_stats_during": {method: during(method) for method in (names.UPDATE_VERDICT, names.CLEAR_CACHE)},
         "sampler_error": sampler_error[0] if sampler_error else None,
     }
 
@@ -312,7 +313,7 @@ def scale_report(bench: Bench) -> list[str]:
 
 def _ops_report(size: int, ops: dict[str, Any]) -> list[str]:
     lines = [f"operator calls with {size:,} held (targets: each < 1 s, get_stats meanwhile < 50 ms):"]
-    for method in ("update_verdict", "clear_cache"):
+    for method in (names.UPDATE_VERDICT, names.CLEAR_CACHE):
         calls = [c for c in ops["calls"] if c["method"] == method]
         if not calls:
             continue
