@@ -59,7 +59,7 @@ def _table(bench: Bench) -> list[str]:
         ref = ref_m.get(key) if ref_m and m.row not in ("A", "E") else None
         if value is None:
             return "-"
-        return f"{value:.0f}" + (f" (+{value - ref:.0f})" if ref is not None else "")
+        return f"{value:.0f}" + (f" ({value - ref:+.0f})" if ref is not None else "")
 
     header = (
         f"{'row':32} {'workload':11} {'rate':>22} {'lat p50 us (+added)':>20} {'lat p99 us (+added)':>20} "
