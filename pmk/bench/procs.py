@@ -34,7 +34,8 @@ class Proc:
         assert self.popen.stdout is not None
         ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
         if not ready:
-            raise TimeoutError(f"{self.name}: no output within {timeout}s")
+            tail = self.stderr_tail().strip().replace("\n", " | ")[-300:]
+            raise TimeoutError(f"{self.name}: no output within {timeout}s" + (f" (stderr: {tail})" if tail else ""))
         text = self.popen.stdout.readline()
         if not text:
             raise RuntimeError(f"{self.name} exited: {self.stderr_tail()}")

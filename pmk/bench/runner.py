@@ -36,6 +36,8 @@ PORT = 5201
 SPORT = 41000
 #: Row D's first offered rate (new connections/s); later repeats start at half the last peak.
 D_START = 5_000
+#: How long pmk may take to say "serving on".
+PMK_START_S = 60.0
 #: Pause between ladder steps, after pmk holds nothing any more.
 LADDER_PAUSE_S = 1.0
 #: Row O: offered rates as multiples of row D's peak.
@@ -258,10 +260,16 @@ class Bench:
             argv += ["--filter", self.divert_filter(), *self.settings.divert_args]
         else:
             argv += ["--scope", f"tcp:{PORT},udp:{PORT}", "--queue-num", "9", *self.settings.nfqueue_args]
+        if backend == "nfqueue":
+            # Each row starts from an empty conntrack table: a fresh pmk does not meet the
+            # flows (and marks) an earlier row left behind.
+            self.hosts.sh(self.hosts.server, "conntrack", "-F", check=False)
         proc = self.server(*argv, *extra, name=f"pmk-{backend}")
         try:
-            while "serving on" not in proc.line(20):
+            started = time.monotonic()
+            while "serving on" not in proc.line(PMK_START_S):
                 pass
+            self.extra.setdefault("pmk_start_s", []).append(round(time.monotonic() - started, 2))
             decider = self.procs.start([PY, "-m", "pmk.bench.decider", "--pipe", sock], name="decider")
             handle = PmkHandle(proc, sock, backend)
             deadline = time.monotonic() + 15
@@ -579,10 +587,19 @@ def main(settings: Settings, as_json: bool = False) -> int:
             hosts.sh(hosts.server, "ip", "route", "add", "198.19.0.0/16", "via", hosts.client_ip)
             bench = Bench(hosts, tmp, settings, lambda text: print(f"... {text}", file=sys.stderr, flush=True))
             bench.log(f"namespaces {hosts.client} {hosts.server}")
-            bench.run()
+            try:
+                bench.run()
+            except (TimeoutError, RuntimeError, OSError) as error:
+                # What was measured before the failure is still worth a table.
+                failure = f"{error}"
+            else:
+                failure = ""
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(report(bench), flush=True)
     if as_json:
         print(json.dumps({f"{r}/{w}": m.values for (r, w), m in bench.results.items()} | {"extra": bench.extra}))
+    if failure:
+        print(f"pmk bench: stopped early: {failure}", file=sys.stderr)
+        return 1
     return 0
