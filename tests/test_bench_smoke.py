@@ -50,3 +50,29 @@ def test_bench_quick_prints_one_table() -> None:
     assert made, out.stderr[-2000:]
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
     assert made.group(1) not in listed and made.group(2) not in listed
+
+
+def test_bench_scale_row_quick() -> None:
+    """Row S with 1,000 live connections on both backends: filled, measured, operator calls timed."""
+    with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:
+        conntrack_max = f.read()
+    argv = ["bench", "--quick", "--rows", "S", "--scale-sizes", "1000", "--scale-rate", "3000"]
+    out = subprocess.run(
+        [sys.executable, "-m", "pmk", *argv],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout
+    for backend in ("divert", "nfqueue"):
+        assert f"row S, pmk {backend}" in table, table
+        section = table.split(f"row S, pmk {backend}")[1]
+        size_row = next(line for line in section.splitlines() if line.split()[:1] == ["1,000"])
+        held, cached_pps = size_row.split()[1], size_row.split()[3]
+        assert held == "1,000", size_row  # every filled connection is held
+        assert float(cached_pps.replace(",", "")) > 0, size_row
+        assert "operator calls with 1,000 held" in section, section
+    assert "update_verdict x5: max" in table.split("row S, pmk nfqueue")[0]
+    with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:
+        assert f.read() == conntrack_max  # left as it was

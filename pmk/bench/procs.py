@@ -34,7 +34,8 @@ class Proc:
         assert self.popen.stdout is not None
         ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
         if not ready:
-            raise TimeoutError(f"{self.name}: no output within {timeout}s")
+            tail = self.stderr_tail().strip().replace("\n", " | ")[-300:]
+            raise TimeoutError(f"{self.name}: no output within {timeout}s" + (f" (stderr: {tail})" if tail else ""))
         text = self.popen.stdout.readline()
         if not text:
             raise RuntimeError(f"{self.name} exited: {self.stderr_tail()}")
@@ -78,9 +79,11 @@ class Proc:
         return self.ps.memory_info().rss
 
     def stderr_tail(self) -> str:
+        """The end of what the process wrote to stderr so far (without waiting, also while it runs)."""
         with contextlib.suppress(Exception):
-            if self.popen.poll() is not None and self.popen.stderr is not None:
-                return self.popen.stderr.read()[-800:]
+            if self.popen.stderr is not None:
+                os.set_blocking(self.popen.stderr.fileno(), False)
+                return (self.popen.stderr.read() or "")[-800:]
         return ""
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -1,11 +1,13 @@
-"""The benchmark run: rows A-F in throwaway namespaces, one table of medians.
+"""The benchmark run: rows A-F, O and S in throwaway namespaces, one table of medians.
 
 Every interceptor runs in the server namespace, every traffic source in the
 client namespace; deciders and the RPC echo use Unix sockets in a private
 temporary directory. Throughput is read over a window inside each run (after
 a warm-up), from the counter that belongs to the row: the server's veth for
 the kernel rows (A, F), the loop's own count for B, pmk's ``captured`` for C
-and its ``accepted`` (one packet per new connection) for D.
+and its ``accepted`` (one packet per new connection) for D. Row D climbs a
+rate ladder (pmk.bench.ladder) to the peak decided rate; row O offers 2x and
+5x that peak; row S (pmk.bench.scale) holds up to a million connections.
 """
 
 from __future__ import annotations
@@ -19,23 +21,31 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pmk.bench.ladder import Ladder, Step
 from pmk.bench.procs import Proc, ProcGroup
+from pmk.bench.report import report
+from pmk.bench.scale import Scale
 from pmk.rpc import names
 from pmk.testing.netns import TwoHosts, need_root_reason, two_hosts
 
 PY = sys.executable
 PORT = 5201
 SPORT = 41000
-MTU = 1500
-#: RSS per verdict cache entry (ConnKey, two address bytes, entry, dict slot): tracemalloc
-#: counts 340 B, RSS grew ~420 B per entry (overload with and without --verdict-cache 1024).
-#: Under overload the growth of RSS is mostly these (see benchmarks/README.md).
-VERDICT_ENTRY_BYTES = 420
-#: Offered new connections per second for row D, tried in turn.
-D_RATES = (5_000, 10_000, 12_000, 14_000, 17_000, 20_000, 25_000, 30_000)
+#: Row D's first offered rate (new connections/s); later repeats start at half the last peak.
+D_START = 5_000
+#: How long pmk may take to say "serving on".
+PMK_START_S = 60.0
+#: Pause between ladder steps, after pmk holds nothing any more.
+LADDER_PAUSE_S = 1.0
+#: Row O: offered rates as multiples of row D's peak.
+OVERLOAD_FACTORS = (2, 5)
+#: New connections per second at which the first packet's added latency is measured.
+FIRST_PACKET_RATE = 5_000
+#: Row S: live connections held in the verdict cache (and conntrack on nfqueue).
+SCALE_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 
 
 @dataclass
@@ -48,11 +58,24 @@ class Settings:
     packet_cache: int = 1024
     divert_args: list[str] = field(default_factory=list)
     nfqueue_args: list[str] = field(default_factory=list)
-    rows: str = "ABCFDEO"
+    rows: str = "ABCFDEOS"
+    scale_sizes: tuple[int, ...] = SCALE_SIZES
+    #: Row S raises the machine's nf_conntrack_max to this for the run (0: leave it; sizes that
+    #: do not fit in it are skipped on nfqueue). The old value is put back at the end.
+    conntrack_max: int = 0
+    #: Row S's offered new connections/s (0: row D's peak).
+    scale_rate: float = 0.0
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(seconds=1.0, repeats=1, latency_packets=200, overload_seconds=1.0, rpc_count=2000)
+        return cls(
+            seconds=1.0,
+            repeats=1,
+            latency_packets=200,
+            overload_seconds=1.0,
+            rpc_count=2000,
+            scale_sizes=(1_000, 10_000),
+        )
 
 
 @dataclass
@@ -74,6 +97,8 @@ class Measure:
 
 
 class Bench:
+    port = PORT
+
     def __init__(self, hosts: TwoHosts, tmp: str, settings: Settings, log: Callable[[str], None]) -> None:
         self.hosts, self.tmp, self.settings, self.log = hosts, tmp, settings, log
         self.procs = ProcGroup()
@@ -108,10 +133,21 @@ class Bench:
 
     # -- traffic -------------------------------------------------------------
 
-    def udp_sender(self, *, seconds: float, rate: float = 0, count: int = 0, new_flows: bool = False) -> Proc:
+    def udp_sender(
+        self,
+        *,
+        seconds: float,
+        rate: float = 0,
+        count: int = 0,
+        new_flows: bool = False,
+        replay: tuple[int, int] | None = None,
+    ) -> Proc:
+        """Small UDP: one flow, a new flow per packet, or ``replay`` = (first seq, flows) cycled."""
         argv = [PY, "-m", "pmk.bench.traffic", "send", "--dst", self.hosts.server_ip, "--port", str(PORT)]
         argv += ["--seconds", str(seconds), "--rate", str(rate), "--count", str(count)]
-        if new_flows:
+        if replay is not None:
+            argv += ["--new-flows", "--first-seq", str(replay[0]), "--flows", str(replay[1])]
+        elif new_flows:
             budget = int((rate or 400_000) * seconds) + 1
             argv += ["--new-flows", "--first-seq", str(self.new_seq(budget))]
         else:
@@ -152,11 +188,12 @@ class Bench:
         new_flows: bool = False,
         seconds: float | None = None,
         rate: float = 0,
+        replay: tuple[int, int] | None = None,
     ) -> dict[str, float]:
         """Flood UDP; return packets/s and CPU s per 100k packets over the middle of the flood."""
         seconds = seconds or self.settings.seconds
         receiver = self.udp_receiver(seconds + 3, sample=1000)
-        sender = self.udp_sender(seconds=seconds, new_flows=new_flows, rate=rate)
+        sender = self.udp_sender(seconds=seconds, new_flows=new_flows, rate=rate, replay=replay)
         warm = min(0.5, seconds / 4)
         time.sleep(warm)
         c0, cpu0, t0 = counter(), worker.cpu_seconds() if worker else 0.0, time.monotonic()
@@ -171,6 +208,7 @@ class Bench:
             "pps": packets / (t1 - t0),
             "cpu100k": (cpu1 - cpu0) / packets * 1e5 if worker else None,
             "offered_pps": sent["pps"],
+            "sent": sent["sent"],
         }
 
     def tcp_bulk(self, counter: Callable[[], int], worker: Proc | None) -> dict[str, float]:
@@ -197,13 +235,13 @@ class Bench:
             "cpu100k": (cpu1 - cpu0) / packets * 1e5 if worker else None,
         }
 
-    def latency(self, *, new_flows: bool = False) -> dict[str, float]:
-        """One-way latency at 1,000 packets/s (one flow, or a new connection per packet)."""
-        n = self.settings.latency_packets
-        receiver = self.udp_receiver(n / 1000 + 4)
-        sender = self.udp_sender(seconds=n / 1000 + 2, rate=1000, count=n, new_flows=new_flows)
-        sender.wait_json(n / 1000 + 20)
-        result = receiver.wait_json(n / 1000 + 20)
+    def latency(self, *, new_flows: bool = False, rate: int = 1000) -> dict[str, float]:
+        """One-way latency at ``rate`` packets/s (one flow, or a new connection per packet)."""
+        n = self.settings.latency_packets * rate // 1000
+        receiver = self.udp_receiver(n / rate + 4)
+        sender = self.udp_sender(seconds=n / rate + 2, rate=rate, count=n, new_flows=new_flows)
+        sender.wait_json(n / rate + 20)
+        result = receiver.wait_json(n / rate + 20)
         self.procs.stop(receiver)
         self.procs.stop(sender)
         return {"p50": result["lat_p50_us"], "p99": result["lat_p99_us"], "received": result["received"]}
@@ -222,12 +260,18 @@ class Bench:
             argv += ["--filter", self.divert_filter(), *self.settings.divert_args]
         else:
             argv += ["--scope", f"tcp:{PORT},udp:{PORT}", "--queue-num", "9", *self.settings.nfqueue_args]
+        if backend == "nfqueue":
+            # Each row starts from an empty conntrack table: a fresh pmk does not meet the
+            # flows (and marks) an earlier row left behind.
+            self.hosts.sh(self.hosts.server, "conntrack", "-F", check=False)
         proc = self.server(*argv, *extra, name=f"pmk-{backend}")
         try:
-            while "serving on" not in proc.line(20):
+            started = time.monotonic()
+            while "serving on" not in proc.line(PMK_START_S):
                 pass
+            self.extra.setdefault("pmk_start_s", []).append(round(time.monotonic() - started, 2))
             decider = self.procs.start([PY, "-m", "pmk.bench.decider", "--pipe", sock], name="decider")
-            handle = PmkHandle(proc, sock)
+            handle = PmkHandle(proc, sock, backend)
             deadline = time.monotonic() + 15
             while handle.stats().get("deciders", 0) < 1:
                 if time.monotonic() > deadline:
@@ -295,25 +339,50 @@ class Bench:
             self.measure(row, "udp").add(bypassed=stats["bypassed"] - before, rss=pmk.proc.peak_rss())
             self.extra[f"{row}_stats"] = stats
 
+    def first_packet_baseline(self) -> None:
+        """Row A's one-way latency of new connections at 5,000/s: what pmk's figure adds to."""
+        if ("A", "new5k") in self.results:
+            return
+        for _ in range(self.settings.repeats):
+            lat = self.latency(new_flows=True, rate=FIRST_PACKET_RATE)
+            self.measure("A", "new5k").add(p50=lat["p50"], p99=lat["p99"])
+
+    def find_peak(self, pmk: PmkHandle, start: float = D_START) -> Ladder:
+        """Climb the rate ladder on a running pmk; every step is logged and kept."""
+        accepted = lambda: int(pmk.stats()["accepted"])  # noqa: E731
+        ladder = Ladder(start=start)
+        while (rate := ladder.next_rate()) is not None:
+            result = self.flood_window(accepted, pmk.proc, new_flows=True, rate=rate)
+            ladder.record(Step(rate, result["offered_pps"], result["pps"], result["cpu100k"]))
+            self.log(f"  offered {result['offered_pps']:,.0f}/s: decided {result['pps']:,.0f}/s")
+            # A step past the peak leaves a backlog (queues, held packets) that would slow the
+            # next step down: let pmk drain first. On nfqueue each new flow is also a conntrack
+            # entry for 30 s; emptied, so that no step meets a full table left by the last.
+            pmk.settled_stats()
+            if pmk.backend == "nfqueue":
+                self.hosts.sh(self.hosts.server, "conntrack", "-F", check=False)
+            time.sleep(LADDER_PAUSE_S)
+        return ladder
+
     def row_d(self, backend: str) -> None:
         row = "D" if backend == "divert" else "Dn"
+        self.first_packet_baseline()
         self.log(f"{row}: pmk {backend} backend, every packet a new connection")
         with self.pmk(backend) as pmk:
-            accepted = lambda: int(pmk.stats()["accepted"])  # noqa: E731
             before = pmk.stats()["bypassed"]
+            start: float = D_START
             for _ in range(self.settings.repeats):
-                # Offered rates step up; the best decided rate is the capacity (a flood
-                # far beyond it only measures how the packet cache sheds load).
-                best: dict[str, float] = {}
-                for rate in D_RATES:
-                    result = self.flood_window(accepted, pmk.proc, new_flows=True, rate=rate)
-                    if result["pps"] > best.get("pps", 0):
-                        best = result
-                    if result["pps"] < 0.9 * rate:
-                        break
-                self.measure(row, "conns").add(**best)
+                ladder = self.find_peak(pmk, start)
+                peak = ladder.peak
+                self.measure(row, "conns").add(
+                    pps=peak.decided, cpu100k=peak.cpu100k, offered_pps=peak.offered, knee=ladder.knee
+                )
+                self.extra.setdefault(f"{row}_ladder", []).append([asdict(s) for s in ladder.steps])
+                start = max(D_START, peak.decided / 2)
                 lat = self.latency(new_flows=True)
                 self.measure(row, "conns").add(p50=lat["p50"], p99=lat["p99"])
+                lat = self.latency(new_flows=True, rate=FIRST_PACKET_RATE)
+                self.measure(row, "new5k").add(p50=lat["p50"], p99=lat["p99"])
             stats = pmk.stats()
             self.measure(row, "conns").add(bypassed=stats["bypassed"] - before, rss=pmk.proc.peak_rss())
             self.extra[f"{row}_stats"] = stats
@@ -348,8 +417,69 @@ class Bench:
         finally:
             self.procs.stop(server)
 
+    def conntrack_counters(self) -> dict[str, int]:
+        """The server namespace's conntrack counters (``conntrack -S``, summed over CPUs)."""
+        out = self.hosts.sh(self.hosts.server, "conntrack", "-S", check=False)
+        totals: dict[str, int] = {}
+        for field_ in out.stdout.split():
+            name, _, value = field_.partition("=")
+            if value.isdigit() and name != "cpu":
+                totals[name] = totals.get(name, 0) + int(value)
+        return totals
+
+    def peak_of(self, backend: str) -> float:
+        """Row D's peak for ``backend`` (measured now if row D did not run)."""
+        row = "D" if backend == "divert" else "Dn"
+        peak = self.measure(row, "conns").get("pps")
+        if peak is None:
+            with self.pmk(backend) as pmk:
+                peak = self.find_peak(pmk).peak.decided
+            self.measure(row, "conns").add(pps=peak)
+        return peak
+
+    def row_o(self, backend: str) -> None:
+        """Offered 2x and 5x the peak: decided rate, memory, accounting and bypass."""
+        peak = self.peak_of(backend)
+        seconds = self.settings.overload_seconds
+        for factor in OVERLOAD_FACTORS:
+            self.log(f"O: pmk {backend}, new connections at {factor}x the peak ({factor * peak:,.0f}/s) for {seconds}s")
+            with self.pmk(backend) as pmk:
+                s0, ct0 = pmk.stats(), self.conntrack_counters()
+                result = self.flood_window(
+                    lambda: int(pmk.stats()["accepted"]),
+                    pmk.proc,
+                    new_flows=True,
+                    seconds=seconds,
+                    rate=factor * peak,
+                )
+                s1 = pmk.settled_stats()
+                delta, ct_delta = _delta(s0, s1), _delta(ct0, self.conntrack_counters())
+                self.extra[f"O_{backend}_{factor}x"] = {
+                    "factor": factor,
+                    "peak": peak,
+                    "offered_pps": result["offered_pps"],
+                    "sent": result["sent"],
+                    "decided_pps": result["pps"],
+                    "cpu100k": result["cpu100k"],
+                    "rss_before": pmk.idle_rss,
+                    "rss_after": pmk.proc.rss(),
+                    "peak_rss": pmk.proc.peak_rss(),
+                    "identity_holds": identity_holds(s1),
+                    "stats": s1,
+                    "captured": s1["captured"] - s0["captured"],
+                    "kernel_dropped": delta("kernel_queue_dropped") + delta("kernel_user_dropped"),
+                    "queue_dropped": delta("kernel_queue_dropped")
+                    + delta("kernel_user_dropped")
+                    + delta("divert_queue_full"),
+                    "bypassed": s1["bypassed"] - s0["bypassed"],
+                    "evicted": s1["evicted"] - s0["evicted"],
+                    # Table full: the kernel drops a new flow before any hook sees it.
+                    "conntrack_dropped": ct_delta("drop") + ct_delta("insert_failed"),
+                    "conntrack_early_drop": ct_delta("early_drop"),
+                }
+
     def overload(self, backend: str) -> None:
-        """New connections as fast as the generator goes, for a while: memory and bypass."""
+        """New connections as fast as the generator goes, for a while: memory and bypass (sweep.py)."""
         self.log(f"overload: pmk {backend}, new connections for {self.settings.overload_seconds}s")
         with self.pmk(backend) as pmk:
             s0 = pmk.stats()
@@ -390,15 +520,18 @@ class Bench:
             if "E" in rows:
                 self.row_e()
             if "O" in rows:
-                self.overload("divert")
-                self.overload("nfqueue")
+                self.row_o("divert")
+                self.row_o("nfqueue")
+            if "S" in rows:
+                for backend in ("divert", "nfqueue"):
+                    Scale(self, backend).run()
         finally:
             self.procs.stop_all()
 
 
 class PmkHandle:
-    def __init__(self, proc: Proc, sock: str) -> None:
-        self.proc, self.sock = proc, sock
+    def __init__(self, proc: Proc, sock: str, backend: str) -> None:
+        self.proc, self.sock, self.backend = proc, sock, backend
         self.idle_rss = 0
 
     def stats(self) -> dict[str, Any]:
@@ -413,6 +546,24 @@ class PmkHandle:
 
         return asyncio.run(get())
 
+    def settled_stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Stats once nothing is held any more (or ``timeout`` passed)."""
+        deadline = time.monotonic() + timeout
+        while (stats := self.stats())["pending"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return stats
+
+
+def _delta(before: dict[str, Any], after: dict[str, Any]) -> Callable[[str], int]:
+    """How much one counter grew between two stats snapshots (0 if the backend lacks it)."""
+    return lambda name: int(after.get(name, 0)) - int(before.get(name, 0))
+
+
+def identity_holds(stats: dict[str, Any]) -> bool:
+    """Every captured packet is accepted, blocked, dropped, evicted or still pending."""
+    outcomes = ("accepted", "blocked", "dropped", "evicted", "rerouted", "pending")
+    return bool(stats["captured"] == sum(stats.get(k, 0) for k in outcomes))
+
 
 def _bare_args(argv: list[str]) -> list[str]:
     """The divert flags pmk takes, spelt the way the bare loop takes them."""
@@ -420,105 +571,6 @@ def _bare_args(argv: list[str]) -> list[str]:
     for arg in argv:
         out.append({"--divert-batch": "--batch"}.get(arg, arg))
     return out
-
-
-# -- report ------------------------------------------------------------------
-
-_ROW_NAMES = {
-    "A": "A kernel only",
-    "B": "B bare pydivert, batched",
-    "B1": "B1 bare pydivert, 1 at a time",
-    "C": "C pmk divert, cache hits",
-    "F": "F pmk nfqueue, accepted conn",
-    "D": "D pmk divert, new conns",
-    "Dn": "D' pmk nfqueue, new conns",
-    "E": "E msgpack-RPC echo",
-}
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "-" if not a or not b else f"{a / b:.2f}"
-
-
-def report(bench: Bench) -> str:
-    res = bench.results
-    base = {w: res.get(("A", w)) for w in ("udp", "lat1k")}
-
-    def added(m: Measure, key: str) -> str:
-        value = m.get(key)
-        ref = base["lat1k"].get(key) if base["lat1k"] and m.row not in ("A", "E") else None
-        if value is None:
-            return "-"
-        return f"{value:.0f}" + (f" (+{value - ref:.0f})" if ref is not None else "")
-
-    lines = []
-    header = (
-        f"{'row':32} {'workload':11} {'rate':>22} {'lat p50 us (+added)':>20} {'lat p99 us (+added)':>20} "
-        f"{'CPU s/100k':>10} {'peak RSS MB':>11} {'bypassed':>9}"
-    )
-    lines += [header, "-" * len(header)]
-    order = ["A", "B", "B1", "C", "F", "D", "Dn", "E"]
-    for (row, workload), m in sorted(res.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
-        if workload == "lat1k":
-            continue
-        if workload == "tcp":
-            rate = f"{_fmt(m.get('gbps'), '.2f')} GB/s {_fmt((m.get('pps') or 0) / 1e3, '.1f')} kpps"
-        elif row == "E":
-            rate = f"{_fmt(m.get('pps'), ',.0f')} req/s"
-        elif workload == "conns":
-            rate = f"{_fmt(m.get('pps'), ',.0f')} conns/s"
-        else:
-            rate = f"{_fmt(m.get('pps'), ',.0f')} pkt/s"
-        lat50 = added(m, "p50") if workload != "tcp" else "-"
-        lat99 = added(m, "p99") if workload != "tcp" else "-"
-        rss = res.get((row, "udp")) or res.get((row, "conns"))
-        rss_bytes = rss.get("rss") if rss else None
-        rss_mb = rss_bytes / 2**20 if rss_bytes else None
-        bypassed = rss.get("bypassed") if rss and workload in ("udp", "conns") else None
-        lines.append(
-            f"{_ROW_NAMES.get(row, row):32} {workload:11} {rate:>22} {lat50:>20} {lat99:>20} "
-            f"{_fmt(m.get('cpu100k'), '.2f'):>10} {_fmt(rss_mb, '.1f'):>11} {_fmt(bypassed, '.0f'):>9}"
-        )
-
-    def get(row: str, workload: str, key: str) -> float | None:
-        m = res.get((row, workload))
-        return m.get(key) if m else None
-
-    lines.append("")
-    lines.append(
-        "ratios: "
-        f"C/B tcp {_ratio(get('C', 'tcp', 'gbps'), get('B', 'tcp', 'gbps'))}, "
-        f"C/B udp {_ratio(get('C', 'udp', 'pps'), get('B', 'udp', 'pps'))}, "
-        f"F/A tcp {_ratio(get('F', 'tcp', 'gbps'), get('A', 'tcp', 'gbps'))}, "
-        f"F/A udp {_ratio(get('F', 'udp', 'pps'), get('A', 'udp', 'pps'))}, "
-        f"D/E {_ratio(get('D', 'conns', 'pps'), get('E', 'pipelined', 'pps'))} "
-        f"(D'/E {_ratio(get('Dn', 'conns', 'pps'), get('E', 'pipelined', 'pps'))}, "
-        f"D/E one-at-a-time {_ratio(get('D', 'conns', 'pps'), get('E', 'one', 'pps'))})"
-    )
-    for backend in ("divert", "nfqueue"):
-        o = bench.extra.get(f"overload_{backend}")
-        if not o:
-            continue
-        d_rate = get("D" if backend == "divert" else "Dn", "conns", "pps")
-        factor = f" = {o['offered_pps'] / d_rate:.1f}x D" if d_rate else ""
-        cache_bytes = bench.settings.packet_cache * MTU
-        lines.append(
-            f"overload {backend}: offered {o['offered_pps']:,.0f} new conns/s{factor} for "
-            f"{bench.settings.overload_seconds:g}s; peak RSS {o['peak_rss'] / 2**20:.1f} MB "
-            f"(idle {o['idle_rss'] / 2**20:.1f} MB, growth {(o['peak_rss'] - o['idle_rss']) / 2**20:.1f} MB) vs "
-            f"packet cache x MTU = {bench.settings.packet_cache} x {MTU} = {cache_bytes / 2**20:.1f} MB; "
-            f"bypassed {o['bypassed']}, evicted {o['evicted']}"
-            + (f", kernel queue drops {o['kernel_dropped']}" if backend == "nfqueue" else "")
-            + (f", driver queue drops {o['divert_queue_full']}" if backend == "divert" else "")
-            + f"; decided {o['accepted'] / bench.settings.overload_seconds:,.0f}/s, "
-            f"verdict cache then held {o['verdict_cache_entries']:,} connections "
-            f"(x ~{VERDICT_ENTRY_BYTES} B = {o['verdict_cache_entries'] * VERDICT_ENTRY_BYTES / 2**20:.1f} MB)"
-        )
-    return "\n".join(lines)
 
 
 def main(settings: Settings, as_json: bool = False) -> int:
@@ -535,10 +587,19 @@ def main(settings: Settings, as_json: bool = False) -> int:
             hosts.sh(hosts.server, "ip", "route", "add", "198.19.0.0/16", "via", hosts.client_ip)
             bench = Bench(hosts, tmp, settings, lambda text: print(f"... {text}", file=sys.stderr, flush=True))
             bench.log(f"namespaces {hosts.client} {hosts.server}")
-            bench.run()
+            try:
+                bench.run()
+            except (TimeoutError, RuntimeError, OSError) as error:
+                # What was measured before the failure is still worth a table.
+                failure = f"{error}"
+            else:
+                failure = ""
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(report(bench), flush=True)
     if as_json:
         print(json.dumps({f"{r}/{w}": m.values for (r, w), m in bench.results.items()} | {"extra": bench.extra}))
+    if failure:
+        print(f"pmk bench: stopped early: {failure}", file=sys.stderr)
+        return 1
     return 0

@@ -28,6 +28,11 @@ _IP_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")
 NEW_FLOW_NET = "198.19.0.0/16"
 
 
+def new_flow_source(seq: int) -> tuple[bytes, int]:
+    """The source address and port of new flow number ``seq`` (unique for 3.9e9 flows)."""
+    return bytes((198, 19, (seq >> 8) & 0xFF, seq & 0xFF)), 1024 + (seq >> 16) % 60000
+
+
 def _percentile(sorted_values: list[int] | array.array, fraction: float) -> int:
     if not sorted_values:
         return 0
@@ -58,6 +63,8 @@ def send(args: argparse.Namespace) -> dict[str, object]:
     sent = errors = 0
     seq = args.first_seq
     count = args.count or (1 << 62)
+    # --flows N: cycle over the same N flows (a cached workload over many connections).
+    wrap = args.first_seq + args.flows if args.flows else 0
     next_at = start
     while sent < count:
         now = clock()
@@ -73,8 +80,7 @@ def send(args: argparse.Namespace) -> dict[str, object]:
         try:
             if args.new_flows:
                 # A new (source address, port) per packet; the kernel fills in checksum and id.
-                src = struct.pack("!BBBB", 198, 19, (seq >> 8) & 0xFF, seq & 0xFF)
-                sport = 1024 + (seq >> 16) % 60000
+                src, sport = new_flow_source(seq)
                 _IP_UDP.pack_into(
                     frame, 0, 0x45, 0, 28 + size, 0, 0, 64, 17, 0, src, dst, sport, args.port, 8 + size, 0
                 )
@@ -85,6 +91,8 @@ def send(args: argparse.Namespace) -> dict[str, object]:
                 sock.send(payload)
             sent += 1
             seq += 1
+            if seq == wrap:
+                seq = args.first_seq
         except OSError:
             errors += 1  # ENOBUFS under flood: the kernel refused, the loop goes on
     elapsed = (clock() - start) / 1e9
@@ -150,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seconds", type=float, default=5.0)
     s.add_argument("--new-flows", action="store_true")
     s.add_argument("--first-seq", type=int, default=0)
+    s.add_argument("--flows", type=int, default=0, help="with --new-flows: cycle over this many flows")
     r = modes.add_parser("recv")
     r.add_argument("--port", type=int, required=True)
     r.add_argument("--seconds", type=float, default=10.0)
