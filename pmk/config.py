@@ -1,4 +1,4 @@
-"""Settings for ``pmk serve``: every default (README.md explains them) and the option table.
+"""Settings for ``pmk serve``: every default (docs/operators.md explains them) and the option table.
 
 Each ``serve`` option is one row of ``OPTIONS``: its name, kind, default and
 help. The flag (``--verdict-timeout``), the environment variable

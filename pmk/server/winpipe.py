@@ -4,7 +4,7 @@ UNTESTED: written against the documented Win32 API (CreateNamedPipeW,
 ConvertStringSecurityDescriptorToSecurityDescriptorW,
 GetNamedPipeClientProcessId, OpenProcessToken, CheckTokenMembership) and
 asyncio's Proactor internals, without a Windows machine to run it on. Nothing
-else in pmk depends on it; see README "Windows endpoint (untested)".
+else in pmk depends on it; see docs/operators.md, "Windows".
 
 Why by hand: asyncio's ``start_serving_pipe`` creates every pipe instance
 with the default security descriptor, which lets any local user connect.
