@@ -13,7 +13,9 @@ def add_parser(commands: argparse._SubParsersAction[Any]) -> None:
     bench.add_argument("--seconds", type=float, default=None, help="length of each throughput run")
     bench.add_argument("--overload-seconds", type=float, default=None)
     bench.add_argument(
-        "--rows", default=None, help="subset of ABCFDEOS (O = overload at 2x and 5x D's peak, S = scale)"
+        "--rows",
+        default=None,
+        help="subset of ABCFDEOST (O = overload at 2x and 5x D's peak, S = scale, T = new TCP connections)",
     )
     bench.add_argument(
         "--scale-sizes",

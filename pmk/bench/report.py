@@ -17,9 +17,11 @@ _ROW_NAMES = {
     "F": "F pmk nfqueue, accepted conn",
     "D": "D pmk divert, new conns",
     "Dn": "D' pmk nfqueue, new conns",
+    "T": "T pmk divert, new TCP conns",
+    "Tn": "T' pmk nfqueue, new TCP conns",
     "E": "E msgpack-RPC echo",
 }
-_ORDER = ["A", "B", "B1", "C", "F", "D", "Dn", "E"]
+_ORDER = ["A", "B", "B1", "C", "F", "D", "Dn", "T", "Tn", "E"]
 #: Targets of issue 12, printed next to the figures they judge.
 TARGET_E_RATIO = 0.4
 TARGET_CPU100K = 2.0
@@ -75,7 +77,7 @@ def _table(bench: Bench) -> list[str]:
             rate = "5,000 conns/s offered"
         elif row == "E":
             rate = f"{_fmt(m.get('pps'), ',.0f')} req/s"
-        elif workload == "conns":
+        elif workload in ("conns", "syns"):
             rate = f"{_fmt(m.get('pps'), ',.0f')} conns/s"
         else:
             rate = f"{_fmt(m.get('pps'), ',.0f')} pkt/s"

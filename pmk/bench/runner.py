@@ -48,6 +48,18 @@ FIRST_PACKET_RATE = 5_000
 SCALE_SIZES = (1_000, 10_000, 100_000, 1_000_000)
 
 
+#: A TCP listener in the server namespace for row T: it never accepts; the SYNs' owner.
+_LISTENER = (
+    "import json, socket, time\n"
+    "s = socket.socket()\n"
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    f"s.bind(('', {PORT}))\n"
+    "s.listen(4096)\n"
+    "print(json.dumps({'ready': True}), flush=True)\n"
+    "time.sleep(3600)\n"
+)
+
+
 @dataclass
 class Settings:
     seconds: float = 4.0
@@ -141,8 +153,12 @@ class Bench:
         count: int = 0,
         new_flows: bool = False,
         replay: tuple[int, int] | None = None,
+        tcp_syn: bool = False,
     ) -> Proc:
-        """Small UDP: one flow, a new flow per packet, or ``replay`` = (first seq, flows) cycled."""
+        """Small UDP: one flow, a new flow per packet, or ``replay`` = (first seq, flows) cycled.
+
+        ``tcp_syn``: with ``new_flows``, each packet is a TCP SYN of a new connection instead.
+        """
         argv = [PY, "-m", "pmk.bench.traffic", "send", "--dst", self.hosts.server_ip, "--port", str(PORT)]
         argv += ["--seconds", str(seconds), "--rate", str(rate), "--count", str(count)]
         if replay is not None:
@@ -150,6 +166,8 @@ class Bench:
         elif new_flows:
             budget = int((rate or 400_000) * seconds) + 1
             argv += ["--new-flows", "--first-seq", str(self.new_seq(budget))]
+            if tcp_syn:
+                argv.append("--tcp-syn")
         else:
             argv += ["--sport", str(SPORT)]
         return self.client(*argv, name="udp-send")
@@ -189,11 +207,12 @@ class Bench:
         seconds: float | None = None,
         rate: float = 0,
         replay: tuple[int, int] | None = None,
+        tcp_syn: bool = False,
     ) -> dict[str, float]:
-        """Flood UDP; return packets/s and CPU s per 100k packets over the middle of the flood."""
+        """Flood UDP (or SYNs); return packets/s and CPU s per 100k packets over the middle of the flood."""
         seconds = seconds or self.settings.seconds
         receiver = self.udp_receiver(seconds + 3, sample=1000)
-        sender = self.udp_sender(seconds=seconds, new_flows=new_flows, rate=rate, replay=replay)
+        sender = self.udp_sender(seconds=seconds, new_flows=new_flows, rate=rate, replay=replay, tcp_syn=tcp_syn)
         warm = min(0.5, seconds / 4)
         time.sleep(warm)
         c0, cpu0, t0 = counter(), worker.cpu_seconds() if worker else 0.0, time.monotonic()
@@ -347,12 +366,17 @@ class Bench:
             lat = self.latency(new_flows=True, rate=FIRST_PACKET_RATE)
             self.measure("A", "new5k").add(p50=lat["p50"], p99=lat["p99"])
 
-    def find_peak(self, pmk: PmkHandle, start: float = D_START) -> Ladder:
-        """Climb the rate ladder on a running pmk; every step is logged and kept."""
-        accepted = lambda: int(pmk.stats()["accepted"])  # noqa: E731
+    def find_peak(self, pmk: PmkHandle, start: float = D_START, *, tcp_syn: bool = False) -> Ladder:
+        """Climb the rate ladder on a running pmk; every step is logged and kept.
+
+        UDP new flows are counted by ``accepted`` (one packet each); SYNs by ``requests``,
+        since on divert a SYN's answer and the peer's reset are packets of the same connection.
+        """
+        key = "requests" if tcp_syn else "accepted"
+        decided = lambda: int(pmk.stats()[key])  # noqa: E731
         ladder = Ladder(start=start)
         while (rate := ladder.next_rate()) is not None:
-            result = self.flood_window(accepted, pmk.proc, new_flows=True, rate=rate)
+            result = self.flood_window(decided, pmk.proc, new_flows=True, rate=rate, tcp_syn=tcp_syn)
             ladder.record(Step(rate, result["offered_pps"], result["pps"], result["cpu100k"]))
             self.log(f"  offered {result['offered_pps']:,.0f}/s: decided {result['pps']:,.0f}/s")
             # A step past the peak leaves a backlog (queues, held packets) that would slow the
@@ -386,6 +410,25 @@ class Bench:
             stats = pmk.stats()
             self.measure(row, "conns").add(bypassed=stats["bypassed"] - before, rss=pmk.proc.peak_rss())
             self.extra[f"{row}_stats"] = stats
+
+    def row_t(self, backend: str) -> None:
+        """New TCP connections to a listener: every SYN asked about, its owner (the listener) looked up."""
+        row = "T" if backend == "divert" else "Tn"
+        self.log(f"{row}: pmk {backend} backend, every packet a SYN of a new TCP connection to a listener")
+        listener = self.server(PY, "-c", _LISTENER, name="tcp-listen")
+        try:
+            listener.json_line(10)
+            with self.pmk(backend) as pmk:
+                for _ in range(self.settings.repeats):
+                    ladder = self.find_peak(pmk, tcp_syn=True)
+                    peak = ladder.peak
+                    self.measure(row, "syns").add(
+                        pps=peak.decided, cpu100k=peak.cpu100k, offered_pps=peak.offered, knee=ladder.knee
+                    )
+                stats = pmk.stats()
+                self.extra[f"{row}_attribution_errors"] = stats.get("attribution_errors", 0)
+        finally:
+            self.procs.stop(listener)
 
     def row_e(self) -> None:
         self.log("E: raw msgpack-RPC echo over a Unix socket")
@@ -517,6 +560,9 @@ class Bench:
             if "D" in rows:
                 self.row_d("divert")
                 self.row_d("nfqueue")
+            if "T" in rows:
+                self.row_t("divert")
+                self.row_t("nfqueue")
             if "E" in rows:
                 self.row_e()
             if "O" in rows:

@@ -8,7 +8,9 @@ time, so the receiver can measure one-way latency (namespaces share the
 clock). ``--new-flows`` sends from a raw socket with a fresh source address
 and port per packet, so every packet is a new connection for pmk; those
 sources come from 198.19.0.0/16, which the server namespace routes back to
-the client. Both ends stop by themselves: count, time and idle bounds.
+the client. With ``--tcp-syn`` those packets are TCP SYNs instead (the
+listener's SYN-ACK goes to a client namespace with no such socket, which
+resets it), so pmk decides new TCP connections. Both ends stop by themselves: count, time and idle bounds.
 Each prints one JSON line with what it saw.
 """
 
@@ -24,6 +26,8 @@ import time
 
 _STAMP = struct.Struct("!QQ")  # sequence, send time in ns
 _IP_UDP = struct.Struct("!BBHHHBBH4s4sHHHH")
+_IP_TCP_SYN = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
+_PSEUDO_TCP = struct.Struct("!4s4sBBH")
 #: Source network for --new-flows (inside 198.18.0.0/15, routed back by the bench).
 NEW_FLOW_NET = "198.19.0.0/16"
 
@@ -31,6 +35,18 @@ NEW_FLOW_NET = "198.19.0.0/16"
 def new_flow_source(seq: int) -> tuple[bytes, int]:
     """The source address and port of new flow number ``seq`` (unique for 3.9e9 flows)."""
     return bytes((198, 19, (seq >> 8) & 0xFF, seq & 0xFF)), 1024 + (seq >> 16) % 60000
+
+
+def _tcp_syn(frame: bytearray, src: bytes, dst: bytes, sport: int, dport: int, seq: int) -> None:
+    """A SYN with a correct TCP checksum (the kernel fills in only the IP header's)."""
+    _IP_TCP_SYN.pack_into(
+        frame, 0, 0x45, 0, 40, 0, 0, 64, 6, 0, src, dst, sport, dport, seq, 0, 0x50, 0x02, 64240, 0, 0
+    )
+    data = _PSEUDO_TCP.pack(src, dst, 0, 6, 20) + bytes(frame[20:40])
+    total = sum(struct.unpack("!16H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    struct.pack_into("!H", frame, 36, ~total & 0xFFFF)
 
 
 def _percentile(sorted_values: list[int] | array.array, fraction: float) -> int:
@@ -78,7 +94,11 @@ def send(args: argparse.Namespace) -> dict[str, object]:
                 continue
             next_at += interval
         try:
-            if args.new_flows:
+            if args.tcp_syn:
+                src, sport = new_flow_source(seq)
+                _tcp_syn(frame, src, dst, sport, args.port, seq & 0xFFFFFFFF)
+                sock.sendto(frame[:40], target)
+            elif args.new_flows:
                 # A new (source address, port) per packet; the kernel fills in checksum and id.
                 src, sport = new_flow_source(seq)
                 _IP_UDP.pack_into(
@@ -157,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--count", type=int, default=0)
     s.add_argument("--seconds", type=float, default=5.0)
     s.add_argument("--new-flows", action="store_true")
+    s.add_argument("--tcp-syn", action="store_true", help="with --new-flows: TCP SYNs instead of UDP")
     s.add_argument("--first-seq", type=int, default=0)
     s.add_argument("--flows", type=int, default=0, help="with --new-flows: cycle over this many flows")
     r = modes.add_parser("recv")
