@@ -280,14 +280,14 @@ def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> 
     return CtEntry(ct_id, protocol, osrc, osport, odst, odport, rsrc, rsport, rdst, rdport, mark, opk, oby, rpk, rby)
 
 
-def parse_datagram(
-    data: bytes | bytearray, size: int, mark_mask: int, into: list[CtEntry], seq: int | None = None
+def _walk(
+    data: bytes | bytearray, size: int, seq: int | None, on_message: Callable[[int, int, int], None]
 ) -> tuple[bool, int]:
-    """Append the pmk-marked entries of one netlink datagram; return (dump complete, errno or 0).
+    """Hand each message of one netlink datagram to ``on_message(kind, pos, end)``.
 
-    Events (DELETE) and dump answers (NEW) are both read. With ``seq``,
-    messages of another sequence number (left-overs of an earlier dump) are
-    skipped; events carry sequence 0 and are read with ``seq`` None.
+    Returns (dump complete, errno or 0) once NLMSG_DONE or NLMSG_ERROR is met.
+    With ``seq``, messages of another sequence number (left-overs of an
+    earlier dump) are skipped; events carry sequence 0 and are read with None.
     """
     pos = 0
     while pos + _NLMSG.size <= size:
@@ -299,14 +299,27 @@ def parse_datagram(
             if kind == NLMSG_DONE:
                 return True, 0
             if kind == NLMSG_ERROR:
-                code = -_ERRNO.unpack_from(data, pos + _NLMSG.size)[0] if end - pos >= 20 else errno.EPROTO
-                return True, code
-            if kind in (_DELETE_TYPE, _NEW_TYPE):
-                entry = parse_entry(data, pos, end, mark_mask)
-                if entry is not None:
-                    into.append(entry)
+                return True, -_ERRNO.unpack_from(data, pos + _NLMSG.size)[0] if end - pos >= 20 else errno.EPROTO
+            on_message(kind, pos, end)
         pos += (length + 3) & ~3
     return False, 0
+
+
+def parse_datagram(
+    data: bytes | bytearray, size: int, mark_mask: int, into: list[CtEntry], seq: int | None = None
+) -> tuple[bool, int]:
+    """Append the pmk-marked entries of one netlink datagram; return (dump complete, errno or 0).
+
+    Events (DELETE) and dump answers (NEW) are both read; ``seq`` as in ``_walk``.
+    """
+
+    def entry(kind: int, pos: int, end: int) -> None:
+        if kind in (_DELETE_TYPE, _NEW_TYPE):
+            found = parse_entry(data, pos, end, mark_mask)
+            if found is not None:
+                into.append(found)
+
+    return _walk(data, size, seq, entry)
 
 
 # --- this host's side ---------------------------------------------------------
@@ -314,35 +327,27 @@ def parse_datagram(
 
 def _parse_addresses(data: bytes | bytearray, size: int, into: set[bytes], seq: int | None = None) -> tuple[bool, int]:
     """Add the addresses of RTM_NEWADDR messages in one datagram; return (dump complete, errno or 0)."""
-    pos = 0
-    while pos + _NLMSG.size <= size:
-        length, kind, _flags, msg_seq, _port = _NLMSG.unpack_from(data, pos)
-        if length < _NLMSG.size:
-            break
-        end = min(pos + length, size)
-        if seq is None or msg_seq == seq:
-            if kind == NLMSG_DONE:
-                return True, 0
-            if kind == NLMSG_ERROR:
-                return True, -_ERRNO.unpack_from(data, pos + _NLMSG.size)[0] if end - pos >= 20 else errno.EPROTO
-            if kind == RTM_NEWADDR:
-                local = address = None
-                attr = pos + _NLMSG.size + _IFADDR.size
-                while attr + 4 <= end:
-                    alen, akind = _NLA.unpack_from(data, attr)
-                    if alen < 4 or attr + alen > end:
-                        break
-                    if akind == IFA_LOCAL:
-                        local = bytes(data[attr + 4 : attr + alen])
-                    elif akind == IFA_ADDRESS:
-                        address = bytes(data[attr + 4 : attr + alen])
-                    attr += (alen + 3) & ~3
-                # IFA_LOCAL is this side of a point-to-point link, whose IFA_ADDRESS is the peer.
-                found = local if local is not None else address
-                if found is not None and len(found) in (4, 16):
-                    into.add(found)
-        pos += (length + 3) & ~3
-    return False, 0
+
+    def address_of(kind: int, pos: int, end: int) -> None:
+        if kind != RTM_NEWADDR:
+            return
+        local = address = None
+        attr = pos + _NLMSG.size + _IFADDR.size
+        while attr + 4 <= end:
+            alen, akind = _NLA.unpack_from(data, attr)
+            if alen < 4 or attr + alen > end:
+                break
+            if akind == IFA_LOCAL:
+                local = bytes(data[attr + 4 : attr + alen])
+            elif akind == IFA_ADDRESS:
+                address = bytes(data[attr + 4 : attr + alen])
+            attr += (alen + 3) & ~3
+        # IFA_LOCAL is this side of a point-to-point link, whose IFA_ADDRESS is the peer.
+        found = local if local is not None else address
+        if found is not None and len(found) in (4, 16):
+            into.add(found)
+
+    return _walk(data, size, seq, address_of)
 
 
 class LocalAddresses:
