@@ -9,7 +9,17 @@ from typing import Any
 
 import pytest
 
-from pmk.host.procs import ProcessTable
+from pmk.host.procs import RECHECK_SECONDS, ProcessTable
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def make_process(proc: Path, pid: int, start: int, exe: str, sockets: list[int]) -> None:
@@ -56,10 +66,12 @@ def test_a_new_socket_of_a_recent_owner_is_found_first(tmp_path: Path) -> None:
 
 def test_a_reused_pid_is_not_trusted(tmp_path: Path) -> None:
     make_process(tmp_path, 10, 500, "/usr/bin/old", [1001])
-    table = ProcessTable(str(tmp_path))
+    clock = Clock()
+    table = ProcessTable(str(tmp_path), clock)
     assert table.owner_of(1001, uid=0) == (10, "/usr/bin/old")
     # Same pid, another process (later start time), another executable and socket.
     make_process(tmp_path, 10, 900, "/usr/bin/new", [1002])
+    clock.now += RECHECK_SECONDS
     assert table.owner_of(1001, uid=0) is None
     assert table.owner_of(1002, uid=0) == (10, "/usr/bin/new")
 
@@ -77,9 +89,11 @@ def test_an_unowned_socket_is_not_searched_again_at_once(tmp_path: Path) -> None
 def test_a_vanished_process_is_skipped(tmp_path: Path) -> None:
     make_process(tmp_path, 10, 500, "/usr/bin/first", [1001])
     make_process(tmp_path, 20, 600, "/usr/bin/second", [2001])
-    table = ProcessTable(str(tmp_path))
+    clock = Clock()
+    table = ProcessTable(str(tmp_path), clock)
     assert table.owner_of(1001, uid=0) == (10, "/usr/bin/first")
     shutil.rmtree(tmp_path / "10")
+    clock.now += RECHECK_SECONDS
     assert table.owner_of(1001, uid=0) is None
     assert table.owner_of(2001, uid=0) == (20, "/usr/bin/second")
 
@@ -102,3 +116,25 @@ def test_a_process_that_reopens_costs_one_readlink(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(os, "readlink", counted)
     assert table.owner_of(2000, uid=0) == (10, "/usr/bin/busy")
     assert len(calls) == 1
+
+
+def test_a_pid_is_checked_at_most_once_per_recheck_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_process(tmp_path, 10, 500, "/usr/bin/first", [1001])
+    clock = Clock()
+    table = ProcessTable(str(tmp_path), clock)
+    assert table.owner_of(1001, uid=0) == (10, "/usr/bin/first")
+    reads: list[str] = []
+    real_open = os.open
+
+    def counted(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith("/stat"):
+            reads.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counted)
+    for _ in range(5):
+        assert table.owner_of(1001, uid=0) == (10, "/usr/bin/first")
+    assert len(reads) == 1
+    clock.now += RECHECK_SECONDS
+    assert table.owner_of(1001, uid=0) == (10, "/usr/bin/first")
+    assert len(reads) == 2

@@ -160,6 +160,18 @@ def test_a_temporary_answer_settles_one_packet_and_asks_about_the_next() -> None
     assert svc.stats(now=0.5)["requests"] == 2
 
 
+def test_an_answer_leaves_the_timer_armed_and_an_early_tick_rearms_it() -> None:
+    svc = service()
+    joined_decider(svc)
+    (first,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1)]), now=0.0))
+    out = svc.handle(ev.PacketsCaptured([packet(2)]), now=0.5)
+    assert of(cmd.ArmTimer, out) == []  # due later than the armed timer
+    # The answer removes the earliest deadline; the timer is not re-armed for it.
+    assert of(cmd.ArmTimer, answer(svc, first, "accept", now=0.6)) == []
+    assert svc.handle(ev.Tick(), now=TIMEOUT) == [cmd.ArmTimer(0.5 + TIMEOUT)]
+    assert applied(svc.handle(ev.Tick(), now=0.5 + TIMEOUT)) == [([2], Verdict.DROP, False)]
+
+
 def test_a_leaving_decider_hands_its_requests_to_another() -> None:
     svc = service()
     joined_decider(svc, 1)

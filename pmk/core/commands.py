@@ -1,8 +1,9 @@
-"""What the decision service tells the server to do, as small immutable records.
+"""What the decision service tells the server to do, as small records.
 
 ``Service.handle`` returns them in the order they must be carried out; the
 server does each without deciding anything itself. A command addressed to a
-client that is gone is skipped.
+client that is gone is skipped. Like events (see ``events.py``) they are
+never changed once made, without being frozen dataclasses, for speed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from pmk.core.attribution import Owner
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Apply:
     """Carry out ``verdict`` for ``packets`` through the backend (``target``: where a reroute goes)."""
 
@@ -29,7 +30,7 @@ class Apply:
     target: Target | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendDecide:
     """Send ``decide [info]`` to ``client`` under ``msgid`` (the service numbers its requests)."""
 
@@ -38,14 +39,14 @@ class SendDecide:
     info: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Notify:
     client: int
     method: str
     params: list[Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Forget:
     """Stop waiting for the answer to ``msgid``: if it comes, it is a LateAnswer."""
 
@@ -53,14 +54,14 @@ class Forget:
     msgid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
     client: int
     msgid: int
     result: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReplyError:
     client: int
     msgid: int
@@ -68,7 +69,7 @@ class ReplyError:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpdateConnection:
     """Set the kernel's verdict for one connection (blocking: run it off the loop); report ``op``."""
 
@@ -77,28 +78,28 @@ class UpdateConnection:
     verdict: Verdict
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ForgetConnections:
     """Forget every kernel-side verdict (blocking: run it off the loop); report ``op``."""
 
     op: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ArmTimer:
     """Deliver a Tick at monotonic time ``at`` (replaces any earlier timer)."""
 
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ArmLifeTimer:
     """Deliver a LifeTick at monotonic time ``at`` (replaces any earlier one; a second timer beside ArmTimer)."""
 
     at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MeasureTraffic:
     """Dump the kernel's per-connection totals (blocking: off the loop) and report TrafficMeasured.
 
@@ -110,14 +111,14 @@ class MeasureTraffic:
     previous: tuple[Mapping[ConnKey, tuple[int, int, int, int]] | None, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReadTotals:
     """Read the kernel's totals of every decided connection (blocking: off the loop); report TotalsRead ``op``."""
 
     op: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decided:
     """A connection (or, for a temporary verdict, one packet) was decided: for the decision log."""
 

@@ -35,6 +35,10 @@ from pmk.core.packet_cache import HeldPacket
 
 
 class State(enum.Enum):
+    # Members are singletons compared by identity: hash them by identity too (C
+    # speed; Enum's own hash is a Python call, and states are hashed per step).
+    __hash__ = object.__hash__
+
     NEW = "new"
     WAITING = "waiting"  # for a decider's slot
     SENT = "sent"
@@ -45,6 +49,8 @@ class State(enum.Enum):
 
 
 class Step(enum.Enum):
+    __hash__ = object.__hash__  # as State's
+
     PARK = "park"  # no decider has room
     SEND = "send"
     NO_DECIDER = "no_decider"  # none connected: the policy settles it
@@ -86,6 +92,23 @@ TRANSITIONS: dict[tuple[State, Step], tuple[State, tuple[str, ...]]] = {
 HOLDS_SLOT = frozenset({State.SENT, State.WITHDRAWN})
 #: States in which the packet still wants an answer.
 WANTED = frozenset({State.WAITING, State.SENT})
+
+
+class _Move:
+    """One TRANSITIONS entry with what it implies for the indexes worked out once."""
+
+    __slots__ = ("after", "counted", "frees_slot", "unparks", "unwants")
+
+    def __init__(self, before: State, after: State, counted: tuple[str, ...]) -> None:
+        self.after = after
+        self.counted = counted
+        self.frees_slot = before in HOLDS_SLOT and after not in HOLDS_SLOT
+        self.unparks = before is State.WAITING
+        self.unwants = before in WANTED and after not in WANTED
+
+
+#: TRANSITIONS as the step function reads it (derived, never edited).
+_MOVES = {pair: _Move(pair[0], after, counted) for pair, (after, counted) in TRANSITIONS.items()}
 #: Every counter TRANSITIONS names (``answer_forgotten`` counts late answers too).
 COUNTERS = (
     "requests",
@@ -151,26 +174,26 @@ class RequestTable:
 
     def step(self, request: DecideRequest, step: Step) -> State:
         """Move ``request`` by ``step`` per TRANSITIONS; keep indexes, slots and counters in line."""
-        before = request.state
-        after, counted = TRANSITIONS[(before, step)]
-        for name in counted:
+        move = _MOVES[(request.state, step)]
+        after = move.after
+        for name in move.counted:
             self.counters[name] += 1
-        if before in HOLDS_SLOT and after not in HOLDS_SLOT:
+        if move.frees_slot:
             self._by_msgid.pop(request.msgid, None)
             if request.client in self.load:
                 self.load[request.client] -= 1
-        if before is State.WAITING:
-            self._parked.pop(request.packet_id, None)
-        if before in WANTED and after not in WANTED:
-            self._by_packet.pop(request.packet_id, None)
+        if move.unparks:
+            self._parked.pop(request.held.id, None)
+        if move.unwants:
+            self._by_packet.pop(request.held.id, None)
         request.state = after
         if after is State.WAITING:
-            self._by_packet[request.packet_id] = request
-            self._parked[request.packet_id] = request
+            self._by_packet[request.held.id] = request
+            self._parked[request.held.id] = request
             request.client, request.msgid = None, -1
             self._push_deadline(request)
         elif after is State.SENT:
-            self._by_packet[request.packet_id] = request
+            self._by_packet[request.held.id] = request
         return after
 
     def answer_forgotten(self) -> None:

@@ -266,8 +266,11 @@ class Service:
             self._pump(now)
             if not engine.outbox:
                 break
+        # Armed only when something is due earlier: an answer that removes the
+        # earliest deadline leaves the timer to fire early (a Tick re-arms it),
+        # instead of costing the loop a cancel and a new timer per answer.
         deadline = self.requests.next_deadline()
-        if deadline is not None and deadline != self._timer_at:
+        if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
             self._timer_at = deadline
             self._out.append(cmd.ArmTimer(deadline))
         self._arm_life_timer(now)

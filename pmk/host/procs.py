@@ -8,7 +8,11 @@ owned sockets lately, then the socket uid's processes, then the rest, newest
 first; within a process, near the descriptor of its last new socket first.
 A socket no process holds is not searched for again for a moment. A cached
 pid is trusted only while its start time is unchanged, so a reused pid never
-inherits another process's sockets or executable.
+inherits another process's sockets or executable; that start time is read
+again at most once per ``RECHECK_SECONDS`` per pid, since reading it was a
+third of attribution's cost (py-spy, row D) and a pid cannot be reused that
+fast: the kernel hands pids out in order up to ``pid_max`` (at least 32,768)
+before it wraps around.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 #: Cached entries kept before a cache is emptied and rebuilt from scans.
 MAX_CACHED = 65536
@@ -25,19 +29,23 @@ MAX_RECENT = 64
 #: How long a socket that no process holds (a kernel socket, say) is not
 #: searched for again: such sockets would otherwise cost a full scan each time.
 UNOWNED_SECONDS = 2.0
+#: How long a process's start time, once read, vouches for its pid (see above).
+RECHECK_SECONDS = 1.0
 _DELETED = " (deleted)"
 
 
 class ProcessTable:
     """Socket inode -> (pid, executable path); thread-safe."""
 
-    def __init__(self, proc: str = "/proc") -> None:
+    def __init__(self, proc: str = "/proc", clock: Callable[[], float] = time.monotonic) -> None:
         self._proc = proc
+        self._clock = clock
         self._holder: dict[int, tuple[int, int]] = {}  # socket inode -> (pid, its start time)
         self._exe: dict[int, tuple[int, str]] = {}  # pid -> (start time, executable)
         self._recent: dict[int, None] = {}  # pids, most recent owner last
         self._last_fd: dict[int, int] = {}  # pid -> descriptor where its last sought socket was
         self._unowned: dict[int, float] = {}  # socket inode -> when to search for it again
+        self._checked: dict[int, float] = {}  # pid -> until when its start time needs no new read
         self._lock = threading.Lock()
         self.scanned_processes = 0  # for the benchmark: how much work misses cost
 
@@ -49,7 +57,7 @@ class ProcessTable:
         """
         with self._lock:
             holder = self._holder.get(inode)
-            if holder is not None and self._start_time(holder[0]) != holder[1]:
+            if holder is not None and not self._still_running(*holder):
                 self._recent.pop(holder[0], None)
                 holder = None
             if holder is None:
@@ -65,8 +73,21 @@ class ProcessTable:
                 self._last_fd.pop(oldest, None)
             return pid, self._executable(pid, started)
 
+    def _still_running(self, pid: int, started: int) -> bool:
+        """Whether ``pid`` is still the process that started at ``started`` (read at most once a second)."""
+        now = self._clock()
+        if self._checked.get(pid, 0.0) > now:
+            return True
+        if self._start_time(pid) != started:
+            self._checked.pop(pid, None)
+            return False
+        if len(self._checked) > MAX_CACHED:
+            self._checked.clear()
+        self._checked[pid] = now + RECHECK_SECONDS
+        return True
+
     def _scan_for(self, inode: int, uid: int) -> tuple[int, int] | None:
-        now = time.monotonic()
+        now = self._clock()
         if self._unowned.get(inode, 0.0) > now:
             return None
         for pid in self._candidates(uid):

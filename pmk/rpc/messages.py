@@ -37,21 +37,24 @@ def wire_error(code: ErrorCode, message: str) -> dict[str, str]:
     return {"code": code.value, "message": message}
 
 
-@dataclass(frozen=True, slots=True)
+# Request, Response and Notification are built per message (a decide and its
+# answer per new connection): not frozen, since a frozen dataclass builds
+# three to four times slower. Nothing changes them once made.
+@dataclass(slots=True)
 class Request:
     msgid: int
     method: str
     params: list[Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
     msgid: int
     error: Any
     result: Any
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Notification:
     method: str
     params: list[Any]
