@@ -172,6 +172,34 @@ def test_an_answer_leaves_the_timer_armed_and_an_early_tick_rearms_it() -> None:
     assert applied(svc.handle(ev.Tick(), now=0.5 + TIMEOUT)) == [([2], Verdict.DROP, False)]
 
 
+def test_the_owner_is_looked_up_when_a_request_is_sent_not_while_it_is_parked() -> None:
+    looked_up: list[int] = []
+
+    def owner_of(key: ConnKey, outbound: bool) -> Owner:
+        looked_up.append(key.remote_port)
+        return Owner(7, "/bin/app", 1000)
+
+    svc = Service(
+        backend=FakeBackend(),
+        policy=default_only(Verdict.DROP),
+        packet_cache=8,
+        verdict_cache=64,
+        verdict_timeout=TIMEOUT,
+        max_in_flight=1,
+        started=0.0,
+        owner_of=owner_of,
+    )
+    joined_decider(svc)
+    (first,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1), packet(2), packet(3)]), now=0.0))
+    assert looked_up == [1]  # 2 and 3 are parked: no lookup yet
+    (second,) = of(cmd.SendDecide, answer(svc, first, "accept"))
+    assert looked_up == [1, 2] and second.info["pid"] == 7
+    # A parked request that the policy settles is looked up then, for its record.
+    out = svc.handle(ev.Tick(), now=TIMEOUT + 1)
+    assert looked_up == [1, 2, 3]
+    assert {d.owner for d in of(cmd.Decided, out)} == {Owner(7, "/bin/app", 1000)}
+
+
 def test_a_leaving_decider_hands_its_requests_to_another() -> None:
     svc = service()
     joined_decider(svc, 1)

@@ -20,17 +20,19 @@ if TYPE_CHECKING:
 class HeldPacket:
     """A captured packet (its ``flow`` parsed) with the id a decider refers to it by.
 
-    ``owner`` is the local socket's process, looked up once when the packet is
-    asked about (None: not looked up, or no socket owns it).
+    ``owner`` is the local socket's process, looked up once (``looked_up``)
+    when the packet's request is sent or the policy settles it (None: no
+    socket owns it, or not looked up yet).
     """
 
-    __slots__ = ("id", "key", "owner", "packet")
+    __slots__ = ("id", "key", "looked_up", "owner", "packet")
 
     def __init__(self, packet_id: int, packet: CapturedPacket, key: ConnKey) -> None:
         self.id = packet_id
         self.packet = packet
         self.key = key
         self.owner: Owner | None = None
+        self.looked_up = False
 
 
 class WaitingConnection:

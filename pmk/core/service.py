@@ -133,7 +133,7 @@ class Service:
         self.protocol_errors = 0
         self.refused_clients = 0
         self.slow_clients = 0
-        #: the owner lookup, asked once per decide request (``HeldPacket.owner``)
+        #: the owner lookup, asked once per decide request when it is sent or settled (``_owner``)
         self.attribution = Attribution(owner_of)
         self.observers = Observers()
         #: Whole-batch fast path for backends that see every packet (``CaptureBackend.cache_probe``).
@@ -289,7 +289,6 @@ class Service:
 
     def _ask(self, held: HeldPacket, now: float) -> None:
         requests = self.requests
-        held.owner = self.attribution.owner(held.key, held.packet.outbound)
         request = requests.new(held, now)
         target = requests.pick()
         if target is None:
@@ -300,9 +299,21 @@ class Service:
         else:
             self._send(request, target, now)
 
+    def _owner(self, held: HeldPacket) -> None:
+        """Look up who owns ``held``'s socket, once, when its decision is near.
+
+        Not when it is held: under overload most parked requests are evicted
+        unsent, and the lookup (two system calls) is the largest part of a
+        request's cost after the kernel's own work.
+        """
+        if not held.looked_up:
+            held.owner = self.attribution.owner(held.key, held.packet.outbound)
+            held.looked_up = True
+
     def _send(self, request: DecideRequest, client: int, now: float) -> None:
         msgid = self.requests.assign(request, client)
         held = request.held
+        self._owner(held)
         info = request.info = decide_info(held, max(0, round((request.deadline - now) * 1000)))
         request.sent_at = now
         known = self._clients.get(client)
@@ -339,6 +350,7 @@ class Service:
             self._out.append(cmd.Notify(request.client, names.WITHDRAWN, [held.id]))
 
     def _settle_by_policy(self, held: HeldPacket, request: DecideRequest | None = None) -> None:
+        self._owner(held)
         decision = self.policy.decide(held.key, held.packet.outbound)
         self.policy_hits[decision.rule] = self.policy_hits.get(decision.rule, 0) + 1
         info = request.info if request is not None and request.info is not None else decide_info(held)
