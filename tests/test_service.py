@@ -263,9 +263,10 @@ def test_under_pressure_waiting_asks_go_youngest_first() -> None:
 
 
 def test_an_evicted_packet_withdraws_its_request_which_keeps_the_slot_until_answered() -> None:
-    svc = service(max_in_flight=1, packet_cache=2)
+    svc = service(max_in_flight=2, packet_cache=2)
     joined_decider(svc)
-    (first,) = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0))
+    first, _ = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0))
+    # Both held packets are with the decider: the oldest of them goes.
     out = svc.handle(ev.PacketsCaptured([packet(3)]), now=0.1)
     assert applied(out) == [([1], Verdict.DROP, False)]  # the eviction
     assert of(cmd.Notify, out) == [cmd.Notify(1, WITHDRAWN, [first.info["id"]])]
@@ -275,7 +276,7 @@ def test_an_evicted_packet_withdraws_its_request_which_keeps_the_slot_until_answ
     out = answer(svc, first, "accept", now=0.2)
     assert applied(out) == []
     (nxt,) = of(cmd.SendDecide, out)  # the late answer freed the slot
-    assert nxt.info["remote_port"] in (2, 3)
+    assert nxt.info["remote_port"] == 3
     assert svc.stats(now=0.2)["late_verdicts"] == 1
     assert_identity(svc)
 
@@ -284,10 +285,40 @@ def test_an_evicted_packet_whose_ask_waited_is_forgotten_silently() -> None:
     svc = service(max_in_flight=1, packet_cache=2)
     joined_decider(svc)
     svc.handle(ev.PacketsCaptured([packet(1), packet(2)]), now=0.0)
-    svc.handle(ev.PacketsCaptured([packet(3)]), now=0.0)  # evicts port 1, whose request was sent
-    out = svc.handle(ev.PacketsCaptured([packet(4)]), now=0.0)  # evicts port 2, whose ask waited
-    assert of(cmd.Notify, out) == []
+    out = svc.handle(ev.PacketsCaptured([packet(3)]), now=0.0)  # evicts port 2, whose ask waited
+    assert applied(out) == [([2], Verdict.DROP, False)] and of(cmd.Notify, out) == []
+    out = svc.handle(ev.PacketsCaptured([packet(4)]), now=0.0)  # evicts port 3, likewise
+    assert applied(out) == [([3], Verdict.DROP, False)] and of(cmd.Notify, out) == []
     assert svc.stats(now=0.0)["withdrawn"] == 2
+
+
+def test_a_flood_never_evicts_what_a_decider_is_deciding() -> None:
+    svc = service(max_in_flight=2, packet_cache=8)
+    joined_decider(svc)
+    sent = of(cmd.SendDecide, svc.handle(ev.PacketsCaptured([packet(p) for p in range(1, 9)]), now=0.0))
+    assert [d.info["remote_port"] for d in sent] == [1, 2]
+    for port in range(9, 500):  # every new packet evicts one
+        out = svc.handle(ev.PacketsCaptured([packet(port)]), now=0.1)
+        assert of(cmd.Notify, out) == []
+        assert 1 not in _ports([p for c in of(cmd.Apply, out) for p in c.packets])
+    # Every answer the decider gives still decides its connection.
+    for decide in sent:
+        assert applied(answer(svc, decide, "accept", permanent=True, now=0.2))[0][1:] == (Verdict.ACCEPT, True)
+    stats = svc.stats(now=0.2)
+    assert stats["late_verdicts"] == 0 and stats["accepted"] == 2 and stats["evicted"] == 491
+    assert_identity(svc)
+
+
+def test_a_packet_taken_back_from_a_leaving_decider_is_evictable_again() -> None:
+    svc = service(max_in_flight=1, packet_cache=3)
+    joined_decider(svc, 1)
+    joined_decider(svc, 2)
+    out = svc.handle(ev.PacketsCaptured([packet(1), packet(2), packet(3)]), now=0.0)
+    assert [(d.client, d.info["remote_port"]) for d in of(cmd.SendDecide, out)] == [(1, 1), (2, 2)]
+    svc.handle(ev.ClientLeft(1), now=0.1)  # 1 waits again (decider 2 is full), as the youngest
+    assert applied(svc.handle(ev.PacketsCaptured([packet(4)]), now=0.2)) == [([3], Verdict.DROP, False)]
+    assert applied(svc.handle(ev.PacketsCaptured([packet(5)]), now=0.2)) == [([1], Verdict.DROP, False)]
+    assert_identity(svc)
 
 
 def test_update_verdict_without_a_kernel_cache_applies_at_once() -> None:

@@ -5,8 +5,9 @@ settled at once. Otherwise it is held; the first held packet of a connection
 is *asked about* and later ones wait behind it, so one connection has at
 most one request out. A permanent answer is cached and settles every waiting
 packet of the connection; a temporary one settles only its packet, and the
-next waiting packet is asked about anew. When the packet cache is full the
-oldest held packet is evicted and its request withdrawn.
+next waiting packet is asked about anew. When the packet cache is full a
+held packet is evicted (the oldest no decider is working on, see
+``packet_cache``) and its request withdrawn.
 
 The engine never does I/O and knows nothing of deciders: it records what
 must happen in an ``Outbox`` (apply verdicts, ask about or withdraw a held
@@ -229,7 +230,7 @@ class Engine:
 
     def _hold(self, held: HeldPacket) -> None:
         if self.held.is_full():
-            self._evict_oldest()
+            self._evict()
         waiting = self.held.hold(held)
         if waiting.asked is None:
             self._ask(held)
@@ -238,16 +239,16 @@ class Engine:
         self.held.connections[held.key].asked = held.id
         self.outbox.asks.append(held)
 
-    def _evict_oldest(self) -> None:
-        oldest = self.held.oldest()
-        assert oldest is not None
-        was_asked = self.held.connections[oldest.key].asked == oldest.id
-        waiting = self.held.release(oldest)
+    def _evict(self) -> None:
+        victim = self.held.next_to_evict()
+        assert victim is not None
+        was_asked = self.held.connections[victim.key].asked == victim.id
+        waiting = self.held.release(victim)
         self.counters.evicted += 1
         # Evicted packets are discarded; the backend must still let go of them.
-        self.outbox.applies.append(([oldest.packet], Verdict.DROP, False, None))
+        self.outbox.applies.append(([victim.packet], Verdict.DROP, False, None))
         if was_asked:
-            self.outbox.withdrawn.append(oldest)
+            self.outbox.withdrawn.append(victim)
             if waiting is not None:
                 self._ask(waiting.packets[0])
 

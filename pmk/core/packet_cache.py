@@ -1,8 +1,16 @@
 """Packets held while their connection waits for a verdict.
 
-Bounded like the kernel extension's ring: when full, the oldest held packet
-is evicted to make room for the newest. Packets of one connection wait in
+Bounded like the kernel extension's ring: when full, a held packet is
+evicted to make room for the newest. Packets of one connection wait in
 arrival order behind a single verdict request.
+
+The packet evicted is the oldest one no decider is working on (waiting
+behind its connection's ask, or an ask not sent yet); only when every held
+packet is with a decider is the oldest of all evicted. Evicting a packet a
+decider has already been sent throws that decider's work away, and under a
+flood (the cache stays full, every new packet evicts one) it would throw
+nearly all of it away: the decided rate would collapse instead of staying
+at what the deciders can answer.
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ class PacketCache:
             raise ValueError("packet cache capacity must be at least 1")
         self.capacity = capacity
         self._by_id: OrderedDict[int, HeldPacket] = OrderedDict()
+        #: held packets no decider is working on, oldest first (a packet taken
+        #: back from a decider that left counts as new)
+        self._idle: OrderedDict[int, HeldPacket] = OrderedDict()
         self.connections: dict[ConnKey, WaitingConnection] = {}
 
     def __len__(self) -> int:
@@ -70,6 +81,7 @@ class PacketCache:
         if len(self._by_id) >= self.capacity:
             raise OverflowError("packet cache is full; evict before holding")
         self._by_id[held.id] = held
+        self._idle[held.id] = held
         waiting = self.connections.get(held.key)
         if waiting is None:
             waiting = self.connections[held.key] = WaitingConnection(held.key)
@@ -79,9 +91,24 @@ class PacketCache:
     def oldest(self) -> HeldPacket | None:
         return next(iter(self._by_id.values()), None)
 
+    def next_to_evict(self) -> HeldPacket | None:
+        """The oldest packet no decider works on, else the oldest of all (see the module docstring)."""
+        return next(iter(self._idle.values()), None) or self.oldest()
+
+    def deciding(self, packet_id: int) -> None:
+        """A decider was sent the ask about ``packet_id``: evict it only when nothing else is left."""
+        self._idle.pop(packet_id, None)
+
+    def not_deciding(self, packet_id: int) -> None:
+        """Its decider left: ``packet_id`` waits for another one, evictable again."""
+        held = self._by_id.get(packet_id)
+        if held is not None:
+            self._idle[packet_id] = held
+
     def release(self, held: HeldPacket) -> WaitingConnection | None:
         """Take ``held`` out of the cache; return its connection if packets still wait."""
         del self._by_id[held.id]
+        self._idle.pop(held.id, None)
         waiting = self.connections[held.key]
         waiting.packets.remove(held)
         if waiting.asked == held.id:
@@ -98,6 +125,7 @@ class PacketCache:
             return []
         for held in waiting.packets:
             del self._by_id[held.id]
+            self._idle.pop(held.id, None)
         return list(waiting.packets)
 
     def all_packets(self) -> list[HeldPacket]:

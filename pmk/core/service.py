@@ -313,6 +313,7 @@ class Service:
     def _send(self, request: DecideRequest, client: int, now: float) -> None:
         msgid = self.requests.assign(request, client)
         held = request.held
+        self.engine.held.deciding(held.id)
         self._owner(held)
         info = request.info = decide_info(held, max(0, round((request.deadline - now) * 1000)))
         request.sent_at = now
@@ -481,6 +482,7 @@ class Service:
             msgid = request.msgid
             if request.state is State.SENT:
                 request.deadline = now + requests.timeout
+                self.engine.held.not_deciding(request.held.id)
                 moved += 1
             requests.step(request, Step.DECIDER_LEFT)
             if connected:
