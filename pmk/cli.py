@@ -198,6 +198,9 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         config = layered.config
         logs.configure_logging(config.log_level, config.log_format)
+        from pmk.server.collector import tune_for_serving
+
+        tune_for_serving()
         return run(serve(config), need_pipes=True)
     if args.command == "bench":
         from pmk import bench
