@@ -11,7 +11,7 @@ import abc
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 
-from pmk.packet.captured import CacheProbe, CacheRun, CapturedPacket, KeyTuple, PacketSink
+from pmk.packet.captured import CacheProbe, CacheRun, CapturedPacket, PackedKey, PacketSink
 from pmk.verdicts import ConnKey, Target, Verdict
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
     "CaptureBackend",
     "CapturedPacket",
     "KernelUpdateError",
-    "KeyTuple",
+    "PackedKey",
     "PacketSink",
 ]
 

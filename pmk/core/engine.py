@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pmk.core.packet_cache import HeldPacket, PacketCache
 from pmk.core.stats import Counters
 from pmk.core.verdict_cache import CachedVerdict, VerdictCache
-from pmk.packet.captured import CacheRun, CapturedPacket, KeyTuple
+from pmk.packet.captured import CacheRun, CapturedPacket, PackedKey
 from pmk.packet.parse import TCP, parse_flow, simple_ipv4_key
 from pmk.verdicts import REROUTE_VERDICTS, ConnKey, Target, Verdict
 
@@ -99,7 +99,7 @@ class Engine:
         accepted: list[CapturedPacket] = []
         # Keyed by verdict and target: rerouted connections differ by where they go.
         others: dict[tuple[Verdict, Target | None], list[CapturedPacket]] = {}
-        last_key: KeyTuple | None = None
+        last_key: PackedKey | None = None
         entry = None
         hits = captured = 0
         # this run's hits per direction (added to its entry, and to hits, when the run ends)
@@ -116,7 +116,7 @@ class Engine:
                         _add(entry, p_in, p_out, b_in, b_out)
                         hits += p_in + p_out
                         p_in = p_out = b_in = b_out = 0
-                    entry = lookup(key)  # type: ignore[arg-type]
+                    entry = lookup(key)
                     last_key = key if entry is not None else None
                 if entry is not None:
                     if outbound:
@@ -184,7 +184,7 @@ class Engine:
 
     def _tcp_end(self, key: ConnKey, entry: CachedVerdict, flags: int, outbound: bool) -> None:
         """A cached TCP connection's packet with FIN or RST: note how far its end has got."""
-        key = ConnKey(*key)  # the fast path's plain tuple, for the record
+        key = ConnKey.of(key)  # the fast path's plain bytes, for the record
         if flags & _RST:
             self.outbox.closing.append((key, entry, True))
             return
@@ -209,7 +209,7 @@ class Engine:
         accept = Verdict.ACCEPT
         entries = []
         for key, _, _, _ in runs:
-            entry = lookup(key)  # type: ignore[arg-type]
+            entry = lookup(key)
             if entry is None or entry.verdict is not accept:
                 return False
             entries.append(entry)

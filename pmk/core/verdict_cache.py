@@ -7,64 +7,139 @@ last-seen order: a lookup moves its entry to the end and stamps it with
 ``now`` (the time of the service's latest event or tick), so idle
 connections are found at the front and recently moved ones at the back
 without scanning the rest.
+
+Memory per entry is what bounds how many connections pmk can hold (issue
+12: at most 200 B; ``benchmarks/cache_memory.py`` measures it), so the map
+is a plain dict (insertion-ordered; a move is a pop and a re-insert, where
+an OrderedDict would add a linked node and an index array per entry), its
+keys are the packed bytes of a ConnKey (not the ConnKey subclass, which the
+garbage collector would track), and an entry keeps what is per connection
+in eight slots while the rarely changing rest is shared (``Facts``).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
 from pmk.verdicts import ConnKey, Target, Verdict
 
+#: The rarely changing part of an entry: (reroute target, by, name, owner, fin_in, fin_out).
+Facts = tuple[Target | None, str, str, Any, bool, bool]
+_NO_FACTS: Facts = (None, "", "", None, False, False)
+#: Equal facts are one object, shared by all the entries that have them (a
+#: process's connections, decided by one decider, have the same).
+_shared: dict[Facts, Facts] = {_NO_FACTS: _NO_FACTS}
+#: When the table holds this many, it starts anew (owners come and go with
+#: processes): entries keep theirs, only sharing with older entries stops.
+_SHARED_MAX = 4096
+
+
+def _share(facts: Facts) -> Facts:
+    """The one object equal to ``facts``."""
+    kept = _shared.get(facts)
+    if kept is None:
+        if len(_shared) >= _SHARED_MAX:
+            _shared.clear()
+        kept = _shared[facts] = facts
+    return kept
+
 
 class CachedVerdict:
-    """A connection's verdict (with a reroute's target), who gave it, and what passed under it each way."""
+    """A connection's verdict (with a reroute's target), who gave it, and what passed under it each way.
 
-    __slots__ = (
-        "by",
-        "bytes_in",
-        "bytes_out",
-        "created",
-        "fin_in",
-        "fin_out",
-        "name",
-        "owner",
-        "packets_in",
-        "packets_out",
-        "seen",
-        "target",
-        "verdict",
-    )
+    ``target``, ``by``, ``name``, ``owner`` and the FIN flags read and write
+    the shared ``facts`` (set once per decision, or per FIN); the verdict,
+    times and counters, which change per packet, are the entry's own slots.
+    """
+
+    __slots__ = ("bytes_in", "bytes_out", "created", "facts", "packets_in", "packets_out", "seen", "verdict")
 
     def __init__(self, verdict: Verdict, target: Target | None = None, created: float = 0.0) -> None:
         self.verdict = verdict
-        self.target = target
-        #: who decided (SPEC 5.6) and the decider's or rule's name
-        self.by = ""
-        self.name = ""
-        #: the local socket's owner when known (pmk.host.owner.Owner), else None
-        self.owner: Any = None
+        self.facts = _NO_FACTS if target is None else _share((target, *_NO_FACTS[1:]))
         self.created = created
         self.seen = created
         self.packets_in = self.packets_out = 0
         self.bytes_in = self.bytes_out = 0
-        #: TCP FINs seen (divert): both set means the connection is closing
-        self.fin_in = self.fin_out = False
 
     def counters(self) -> tuple[int, int, int, int]:
         """(packets_in, packets_out, bytes_in, bytes_out)."""
         return (self.packets_in, self.packets_out, self.bytes_in, self.bytes_out)
 
+    def _set(self, field: int, value: Any) -> None:
+        facts = list(self.facts)
+        facts[field] = value
+        self.facts = _share(tuple(facts))
+
+    @property
+    def target(self) -> Target | None:
+        """Where a reroute sends the connection (None for any other verdict)."""
+        return self.facts[0]
+
+    @target.setter
+    def target(self, value: Target | None) -> None:
+        self._set(0, value)
+
+    @property
+    def by(self) -> str:
+        """Who decided (SPEC 5.6)."""
+        return self.facts[1]
+
+    @by.setter
+    def by(self, value: str) -> None:
+        self._set(1, value)
+
+    @property
+    def name(self) -> str:
+        """The decider's or rule's name."""
+        return self.facts[2]
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._set(2, value)
+
+    @property
+    def owner(self) -> Any:
+        """The local socket's owner when known (pmk.host.owner.Owner), else None."""
+        return self.facts[3]
+
+    @owner.setter
+    def owner(self, value: Any) -> None:
+        self._set(3, value)
+
+    @property
+    def fin_in(self) -> bool:
+        """A TCP FIN came in (divert): with ``fin_out`` the connection is closing."""
+        return self.facts[4]
+
+    @fin_in.setter
+    def fin_in(self, value: bool) -> None:
+        self._set(4, value)
+
+    @property
+    def fin_out(self) -> bool:
+        """A TCP FIN went out (divert)."""
+        return self.facts[5]
+
+    @fin_out.setter
+    def fin_out(self, value: bool) -> None:
+        self._set(5, value)
+
 
 class VerdictCache:
-    """A bounded LRU map from connection key to its cached verdict."""
+    """A bounded LRU map from connection key to its cached verdict.
+
+    Keys may be given as a ConnKey or as plain bytes of its layout (the
+    per-packet path's); entries are stored under plain bytes and handed out
+    under a ConnKey.
+    """
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("verdict cache capacity must be at least 1")
         self.capacity = capacity
-        self._entries: OrderedDict[ConnKey, CachedVerdict] = OrderedDict()
+        self._entries: dict[bytes, CachedVerdict] = {}
         self.evictions = 0
         #: the time lookups stamp entries with (set by the service before each event)
         self.now = 0.0
@@ -72,48 +147,54 @@ class VerdictCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: ConnKey) -> bool:
+    def __contains__(self, key: bytes) -> bool:
         return key in self._entries
 
-    def get(self, key: ConnKey) -> CachedVerdict | None:
+    def get(self, key: bytes) -> CachedVerdict | None:
         """Return the entry, mark it recently used and seen now, or None."""
-        entry = self._entries.get(key)
+        entries = self._entries
+        entry = entries.pop(key, None)
         if entry is not None:
-            self._entries.move_to_end(key)
+            # re-inserted at the end under the plain bytes, whatever ``key`` is
+            entries[key if type(key) is bytes else bytes(key)] = entry
             entry.seen = self.now
         return entry
 
-    def peek(self, key: ConnKey) -> CachedVerdict | None:
+    def peek(self, key: bytes) -> CachedVerdict | None:
         """The entry without touching its place or time."""
         return self._entries.get(key)
 
-    def put(self, key: ConnKey, verdict: Verdict, target: Target | None = None) -> CachedVerdict:
+    def put(self, key: bytes, verdict: Verdict, target: Target | None = None) -> CachedVerdict:
         """Cache ``verdict`` (a reroute with its ``target``) for ``key``; the least recently used entry makes room."""
-        entry = self._entries.get(key)
+        entries = self._entries
+        if type(key) is not bytes:
+            key = bytes(key)
+        entry = entries.pop(key, None)
         if entry is not None:
             entry.verdict = verdict
             entry.target = target
             entry.seen = self.now
-            self._entries.move_to_end(key)
+            entries[key] = entry
             return entry
-        if len(self._entries) >= self.capacity:
-            self._entries.popitem(last=False)
+        if len(entries) >= self.capacity:
+            del entries[next(iter(entries))]
             self.evictions += 1
-        entry = CachedVerdict(verdict, target, self.now)
-        self._entries[key] = entry
+        entry = entries[key] = CachedVerdict(verdict, target, self.now)
         return entry
 
-    def pop(self, key: ConnKey) -> CachedVerdict | None:
+    def pop(self, key: bytes) -> CachedVerdict | None:
         """Remove and return the entry of an ended connection."""
         return self._entries.pop(key, None)
 
     def oldest(self) -> Iterator[tuple[ConnKey, CachedVerdict]]:
         """Entries least recently seen first (do not change the cache while iterating)."""
-        return iter(self._entries.items())
+        as_key = ConnKey.of
+        return ((as_key(key), entry) for key, entry in self._entries.items())
 
     def newest(self) -> Iterator[tuple[ConnKey, CachedVerdict]]:
         """Entries most recently seen first (do not change the cache while iterating)."""
-        return reversed(self._entries.items())
+        as_key = ConnKey.of
+        return ((as_key(key), entry) for key, entry in reversed(self._entries.items()))
 
     def clear(self) -> int:
         """Forget everything; return how many entries there were."""

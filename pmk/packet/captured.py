@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pmk.packet.parse import Flow
 
-# A connection key as a plain tuple in ConnKey's field order: (protocol,
-# local address, local port, remote address, remote port). Equal tuples hash
-# alike, so it finds ConnKey entries without building one per packet.
-KeyTuple = tuple[int, bytes, int, bytes, int]
+# A connection key as plain bytes in ConnKey's layout (protocol, local address,
+# remote address, local port, remote port). Equal bytes hash alike, so it finds
+# ConnKey entries without building one per packet.
+PackedKey = bytes
 
 
 class CapturedPacket:
@@ -52,7 +52,7 @@ PacketSink = Callable[[list[CapturedPacket]], None]
 
 # A run of consecutive packets of one IPv4 connection in one direction:
 # (key, packet count, byte count, outbound).
-CacheRun = tuple[KeyTuple, int, int, bool]
+CacheRun = tuple[PackedKey, int, int, bool]
 # Given a batch as runs, True (and counted) when every run's connection is
 # cached as accepted: the backend may then re-inject the batch untouched.
 CacheProbe = Callable[[list[CacheRun]], bool]

@@ -6,15 +6,17 @@ as unparseable by the caller (it still ends in an outcome).
 
 Most packets are *simple*: IPv4 without options, not a fragment, TCP or UDP.
 Their key is read from fixed offsets (``simple_ipv4_key`` for one packet,
-``simple_ipv4_runs`` for a receive buffer of many) as a plain tuple that
-finds ConnKey entries; anything else goes through ``parse_flow``.
+``simple_ipv4_runs`` for a receive buffer of many) as plain bytes in
+ConnKey's layout, which find ConnKey entries; anything else goes through
+``parse_flow``.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 
-from pmk.packet.captured import CacheRun, KeyTuple
+from pmk.packet.captured import CacheRun, PackedKey
 from pmk.verdicts import ConnKey
 
 TCP = 6
@@ -27,6 +29,9 @@ PORT_PROTOCOLS = frozenset({TCP, UDP, 132, 136})  # + SCTP, UDP-Lite
 _IPV6_EXTENSIONS = frozenset({0, 43, 60, 51, 44})
 _IPV6_FRAGMENT = 44
 _IPV6_AH = 51
+# ConnKey's layout, by address length: packed in C, then taken over as a ConnKey without a second check.
+_KEY_LAYOUT = {4: struct.Struct("!B4s4sHH").pack, 16: struct.Struct("!B16s16sHH").pack}
+_as_key = ConnKey.of
 
 
 class Flow:
@@ -54,9 +59,10 @@ class Flow:
 
     def key(self, outbound: bool) -> ConnKey:
         """The direction-free connection key: local side first."""
+        pack = _KEY_LAYOUT[len(self.src)]
         if outbound:
-            return ConnKey(self.protocol, self.src, self.src_port, self.dst, self.dst_port)
-        return ConnKey(self.protocol, self.dst, self.dst_port, self.src, self.src_port)
+            return _as_key(pack(self.protocol, self.src, self.dst, self.src_port, self.dst_port))
+        return _as_key(pack(self.protocol, self.dst, self.src, self.dst_port, self.src_port))
 
 
 def parse_flow(raw: bytes | bytearray | memoryview) -> Flow | None:
@@ -118,16 +124,21 @@ def conn_key(raw: bytes, outbound: bool) -> ConnKey | None:
     return flow.key(outbound) if flow is not None else None
 
 
-def simple_ipv4_key(raw: bytes, outbound: bool) -> KeyTuple | None:
-    """The key of a simple packet (see the module docstring), local side first; None for any other packet."""
+def simple_ipv4_key(raw: bytes, outbound: bool) -> PackedKey | None:
+    """The key of a simple packet (see the module docstring), local side first; None for any other packet.
+
+    Bytes 12-24 of the packet are source, destination, source and
+    destination port: ConnKey's order for an outbound packet, so that one
+    costs a single concatenation; an inbound one is put together from four slices.
+    """
     if len(raw) < 24 or raw[0] != 0x45:
         return None
     protocol = raw[9]
     if (protocol != TCP and protocol != UDP) or raw[6] & 0x1F or raw[7]:
         return None
     if outbound:
-        return (protocol, raw[12:16], raw[20] << 8 | raw[21], raw[16:20], raw[22] << 8 | raw[23])
-    return (protocol, raw[16:20], raw[22] << 8 | raw[23], raw[12:16], raw[20] << 8 | raw[21])
+        return raw[9:10] + raw[12:24]
+    return raw[9:10] + raw[16:20] + raw[12:16] + raw[22:24] + raw[20:22]
 
 
 def simple_ipv4_runs(buf: bytearray, total: int, outbound: Iterable[int]) -> list[CacheRun] | None:
@@ -146,7 +157,7 @@ def simple_ipv4_runs(buf: bytearray, total: int, outbound: Iterable[int]) -> lis
     last = None
     last_proto = -1
     last_out = False
-    key: KeyTuple = (0, b"", 0, b"", 0)
+    key: PackedKey = b""
     n = size = offset = 0
     try:
         for flag in outbound:
@@ -171,9 +182,10 @@ def simple_ipv4_runs(buf: bytearray, total: int, outbound: Iterable[int]) -> lis
                     append((key, n, size, last_out))
                     n = size = 0
                 last, last_proto, last_out = ends, proto, out
-                src, dst = bytes(ends[0:4]), bytes(ends[4:8])
-                sport, dport = ends[8] << 8 | ends[9], ends[10] << 8 | ends[11]
-                key = (proto, src, sport, dst, dport) if out else (proto, dst, dport, src, sport)
+                if out:
+                    key = bytes((proto,)) + ends
+                else:
+                    key = bytes((proto,)) + ends[4:8] + ends[0:4] + ends[10:12] + ends[8:10]
             n += 1
             size += end - offset
             offset = end
