@@ -14,10 +14,30 @@ def test_verdict_cache_evicts_the_least_recently_used() -> None:
     cache = VerdictCache(2)
     cache.put(key(1), Verdict.ACCEPT)
     cache.put(key(2), Verdict.BLOCK)
+    cache.now = 1.0
     assert cache.get(key(1)) is not None  # 1 is now the most recent
     cache.put(key(3), Verdict.DROP)
     assert key(2) not in cache and key(1) in cache and key(3) in cache
     assert cache.evictions == 1
+
+
+def test_a_lookup_at_the_time_an_entry_was_last_seen_leaves_it_in_place() -> None:
+    cache = VerdictCache(2)
+    cache.put(key(1), Verdict.ACCEPT)
+    cache.put(key(2), Verdict.BLOCK)
+    assert cache.get(key(1)) is not None  # seen at 0.0 already: 1 and 2 are of one time
+    cache.put(key(3), Verdict.DROP)
+    assert key(1) not in cache and key(2) in cache and key(3) in cache
+
+
+def test_entries_are_kept_under_plain_bytes_and_handed_out_as_keys() -> None:
+    cache = VerdictCache(4)
+    cache.put(key(1), Verdict.ACCEPT)
+    cache.now = 1.0
+    assert cache.get(bytes(key(1))) is cache.peek(key(1)) is not None  # the per-packet path's plain bytes
+    assert all(type(k) is bytes for k in cache._entries)
+    ((listed, _),) = cache.oldest()
+    assert type(listed) is ConnKey and listed == key(1) and listed.local_port == 1
 
 
 def test_verdict_cache_update_keeps_counters() -> None:

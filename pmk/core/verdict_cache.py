@@ -151,11 +151,19 @@ class VerdictCache:
         return key in self._entries
 
     def get(self, key: bytes) -> CachedVerdict | None:
-        """Return the entry, mark it recently used and seen now, or None."""
+        """Return the entry, mark it recently used and seen now, or None.
+
+        An entry already seen at this ``now`` keeps its place: entries of one
+        time need no order among them, and a move (a pop and a re-insert)
+        costs more than the lookup and uses up a slot of the dict until its
+        next resize. A batch whose runs interleave connections looks each
+        one up several times.
+        """
         entries = self._entries
-        entry = entries.pop(key, None)
-        if entry is not None:
-            # re-inserted at the end under the plain bytes, whatever ``key`` is
+        entry = entries.get(key)
+        if entry is not None and entry.seen != self.now:
+            del entries[key]
+            # re-inserted under the plain bytes, whatever ``key`` is
             entries[key if type(key) is bytes else bytes(key)] = entry
             entry.seen = self.now
         return entry
