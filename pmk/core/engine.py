@@ -131,7 +131,7 @@ class Engine:
                     if entry.verdict is accept:
                         accepted.append(packet)
                     else:
-                        others.setdefault((entry.verdict, entry.target), []).append(packet)
+                        others.setdefault((entry.verdict, entry.facts.target), []).append(packet)
                     continue
             flow = parse_flow(raw)
             if flow is None:
@@ -153,7 +153,7 @@ class Engine:
                 if hit.verdict is accept:
                     accepted.append(packet)
                 else:
-                    others.setdefault((hit.verdict, hit.target), []).append(packet)
+                    others.setdefault((hit.verdict, hit.facts.target), []).append(packet)
                 continue
             counters.cache_misses += 1
             packet.flow = flow  # a block builds its reset from it

@@ -20,13 +20,27 @@ in eight slots while the rarely changing rest is shared (``Facts``).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from pmk.verdicts import ConnKey, Target, Verdict
 
-#: The rarely changing part of an entry: (reroute target, by, name, owner, fin_in, fin_out).
-Facts = tuple[Target | None, str, str, Any, bool, bool]
-_NO_FACTS: Facts = (None, "", "", None, False, False)
+
+class Facts(NamedTuple):
+    """The rarely changing part of an entry (a tuple: fields read as fast as slots)."""
+
+    #: where a reroute sends the connection (None for any other verdict)
+    target: Target | None = None
+    #: who decided (SPEC 5.6) and the decider's or rule's name
+    by: str = ""
+    name: str = ""
+    #: the local socket's owner when known (pmk.host.owner.Owner), else None
+    owner: Any = None
+    #: TCP FINs seen (divert): both set means the connection is closing
+    fin_in: bool = False
+    fin_out: bool = False
+
+
+_NO_FACTS = Facts()
 #: Equal facts are one object, shared by all the entries that have them (a
 #: process's connections, decided by one decider, have the same).
 _shared: dict[Facts, Facts] = {_NO_FACTS: _NO_FACTS}
@@ -51,13 +65,14 @@ class CachedVerdict:
     ``target``, ``by``, ``name``, ``owner`` and the FIN flags read and write
     the shared ``facts`` (set once per decision, or per FIN); the verdict,
     times and counters, which change per packet, are the entry's own slots.
+    The per-packet path reads ``facts.target`` (a property costs a call).
     """
 
     __slots__ = ("bytes_in", "bytes_out", "created", "facts", "packets_in", "packets_out", "seen", "verdict")
 
     def __init__(self, verdict: Verdict, target: Target | None = None, created: float = 0.0) -> None:
         self.verdict = verdict
-        self.facts = _NO_FACTS if target is None else _share((target, *_NO_FACTS[1:]))
+        self.facts = _NO_FACTS if target is None else _share(Facts(target))
         self.created = created
         self.seen = created
         self.packets_in = self.packets_out = 0
@@ -67,64 +82,56 @@ class CachedVerdict:
         """(packets_in, packets_out, bytes_in, bytes_out)."""
         return (self.packets_in, self.packets_out, self.bytes_in, self.bytes_out)
 
-    def _set(self, field: int, value: Any) -> None:
-        facts = list(self.facts)
-        facts[field] = value
-        self.facts = _share(tuple(facts))
+    def _set(self, **field: Any) -> None:
+        self.facts = _share(self.facts._replace(**field))
 
     @property
     def target(self) -> Target | None:
-        """Where a reroute sends the connection (None for any other verdict)."""
-        return self.facts[0]
+        return self.facts.target
 
     @target.setter
     def target(self, value: Target | None) -> None:
-        self._set(0, value)
+        self._set(target=value)
 
     @property
     def by(self) -> str:
-        """Who decided (SPEC 5.6)."""
-        return self.facts[1]
+        return self.facts.by
 
     @by.setter
     def by(self, value: str) -> None:
-        self._set(1, value)
+        self._set(by=value)
 
     @property
     def name(self) -> str:
-        """The decider's or rule's name."""
-        return self.facts[2]
+        return self.facts.name
 
     @name.setter
     def name(self, value: str) -> None:
-        self._set(2, value)
+        self._set(name=value)
 
     @property
     def owner(self) -> Any:
-        """The local socket's owner when known (pmk.host.owner.Owner), else None."""
-        return self.facts[3]
+        return self.facts.owner
 
     @owner.setter
     def owner(self, value: Any) -> None:
-        self._set(3, value)
+        self._set(owner=value)
 
     @property
     def fin_in(self) -> bool:
-        """A TCP FIN came in (divert): with ``fin_out`` the connection is closing."""
-        return self.facts[4]
+        return self.facts.fin_in
 
     @fin_in.setter
     def fin_in(self, value: bool) -> None:
-        self._set(4, value)
+        self._set(fin_in=value)
 
     @property
     def fin_out(self) -> bool:
-        """A TCP FIN went out (divert)."""
-        return self.facts[5]
+        return self.facts.fin_out
 
     @fin_out.setter
     def fin_out(self, value: bool) -> None:
-        self._set(5, value)
+        self._set(fin_out=value)
 
 
 class VerdictCache:
