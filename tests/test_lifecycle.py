@@ -319,6 +319,19 @@ def test_a_connection_that_ended_and_came_back_counts_from_zero() -> None:
     assert [(e["packets_in"], e["bytes_in"]) for e in note] == [(1, 29)]
 
 
+def test_a_bandwidth_baseline_holds_the_caches_own_key_objects() -> None:
+    svc = make(idle=1000.0)
+    with_clients(svc)
+    decide(svc, udp_in(8004))
+    decide(svc, udp_in(8005))
+    subscribe(svc, 1, 1.0, now=1.0)
+    svc.handle(ev.PacketsCaptured([udp_in(8004, b"x")]), now=1.5)
+    svc.handle(ev.LifeTick(), now=2.0)  # 8004 re-reported: its baseline key is replaced
+    stored = {key: key for key, _ in svc.engine.verdicts.oldest_stored()}
+    baseline = svc.bandwidth.subscribers[1].baseline
+    assert len(baseline) == 2 and all(key is stored[key] for key in baseline)  # no key copies
+
+
 @pytest.mark.parametrize(
     "params", [["bandwidth", 0.05], ["bandwidth", 3601], ["bandwidth", "1"], ["latency", 1], ["bandwidth", True]]
 )

@@ -40,8 +40,10 @@ class Subscription:
         self.due = now + interval
         #: divert: when the previous notification was made (entries seen since have moved)
         self.since = now
-        #: divert: each reported entry and its counters then (an entry, not a key: a key may be reused)
-        self.baseline: dict[ConnKey, tuple[CachedVerdict, Traffic]] = {}
+        #: divert: each reported entry and its counters then (an entry, not a key: a key may be reused),
+        #: under the cache's own key objects (``VerdictCache.newest_stored``): a baseline of every
+        #: cached connection then costs no key of its own
+        self.baseline: dict[bytes, tuple[CachedVerdict, Traffic]] = {}
         #: nfqueue: the kernel's totals at the previous notification (None until the first dump)
         self.previous: KernelTotals | None = None
         #: nfqueue: a dump for this client is under way
@@ -70,7 +72,7 @@ class Bandwidth:
         elif kernel:
             sub.due = now
         else:
-            sub.baseline = {key: (entry, entry.counters()) for key, entry in cache.oldest()}
+            sub.baseline = {key: (entry, entry.counters()) for key, entry in cache.oldest_stored()}
         self.subscribers[client] = sub
 
     def stop(self, client: int) -> None:
@@ -94,15 +96,17 @@ class Bandwidth:
         sub = self.subscribers[client]
         baseline, since = sub.baseline, sub.since
         moved: dict[ConnKey, Traffic] = {}
-        for key, entry in cache.newest():
+        for key, entry in cache.newest_stored():
             if entry.seen < since:
                 break
             counters = entry.counters()
-            before = baseline.get(key)
+            # popped and set again: the baseline then holds the key object the cache holds now
+            # (a move re-keys an entry with the key it was looked up by)
+            before = baseline.pop(key, None)
             delta = counters if before is None or before[0] is not entry else _minus(counters, before[1])
             baseline[key] = (entry, counters)
             if any(delta):
-                moved[key] = delta
+                moved[ConnKey.of(key)] = delta
         sub.since = now
         if len(baseline) > 2 * len(cache) + 1024:  # ended connections: drop their baselines
             sub.baseline = {key: kept for key, kept in baseline.items() if cache.peek(key) is kept[0]}

@@ -211,6 +211,14 @@ class VerdictCache:
         as_key = ConnKey.of
         return ((as_key(key), entry) for key, entry in reversed(self._entries.items()))
 
+    def newest_stored(self) -> Iterator[tuple[bytes, CachedVerdict]]:
+        """``newest`` under the keys as stored (plain bytes): a map of its own keyed by them adds no key objects."""
+        return reversed(self._entries.items())
+
+    def oldest_stored(self) -> Iterator[tuple[bytes, CachedVerdict]]:
+        """``oldest`` under the keys as stored (see ``newest_stored``)."""
+        return iter(self._entries.items())
+
     def clear(self) -> int:
         """Forget everything; return how many entries there were."""
         count = len(self._entries)
