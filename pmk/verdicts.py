@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import socket
+import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -49,70 +50,45 @@ REROUTE_VERDICTS = frozenset({Verdict.REROUTE_TO_NAMESERVER, Verdict.REROUTE_TO_
 DECIDE_VERDICTS = FILTER_VERDICTS | REROUTE_VERDICTS
 
 
-class ConnKey(bytes):
+class ConnKey(NamedTuple):
     """A connection as seen from this host: the same key for both directions.
 
-    Packed bytes, ``protocol | local_ip | remote_ip | local_port | remote_port``
-    (13 bytes for IPv4, 37 for IPv6, ports big-endian), so that a cached
-    connection's key costs one small object instead of a tuple of five (about
-    48 instead of 210 bytes; ``benchmarks/cache_memory.py``), and the
-    per-packet path builds it with slices of the packet: an outbound simple
-    IPv4 packet's bytes 12-24 are already the addresses and ports in this
-    order. Equal bytes hash alike, so a plain ``bytes`` of this layout
-    (``simple_ipv4_key``) finds a ConnKey entry without building one. The
-    fields are read through properties, for code that is not per packet.
+    Addresses are packed bytes (4 or 16) so that the per-packet path never
+    formats strings; ``conn_key_from_strings`` builds one from wire fields.
+
+    The verdict cache keeps a key as its ``packed`` bytes, ``protocol |
+    local_ip | remote_ip | local_port | remote_port`` (13 bytes for IPv4, 37
+    for IPv6, ports big-endian): one small object per cached connection
+    instead of this tuple of five (46 instead of about 210 bytes; see
+    ``benchmarks/cache_memory.py``). The per-packet path builds that form
+    straight from the packet (an outbound simple IPv4 packet's bytes 12-24
+    are the addresses and ports in this order). The tuple stays what
+    everything else handles: its fields read at C speed, per new connection.
     """
 
-    __slots__ = ()
+    protocol: int
+    local_ip: bytes
+    local_port: int
+    remote_ip: bytes
+    remote_port: int
 
-    def __new__(cls, protocol: int, local_ip: bytes, local_port: int, remote_ip: bytes, remote_port: int) -> ConnKey:
-        if len(local_ip) != len(remote_ip) or len(local_ip) not in (4, 16):
-            raise ValueError("a key's addresses are both 4 or both 16 bytes")
-        ports = (local_port << 16 | remote_port).to_bytes(4, "big")
-        return bytes.__new__(cls, b"".join((bytes((protocol,)), local_ip, remote_ip, ports)))
+    def packed(self) -> bytes:
+        """The verdict cache's form of this key (see the class docstring)."""
+        return KEY_PACKERS[len(self.local_ip)](
+            self.protocol, self.local_ip, self.remote_ip, self.local_port, self.remote_port
+        )
 
     @classmethod
     def of(cls, packed: bytes) -> ConnKey:
-        """The key whose packed form is ``packed`` (a fast-path key or a cached one)."""
-        return bytes.__new__(cls, packed)
-
-    def _replace(self, **fields: int | bytes) -> ConnKey:
-        """A copy with some fields changed (as on the NamedTuple this key was)."""
-        values = dict(zip(_KEY_FIELDS, self.__getnewargs__(), strict=True))
-        values.update(fields)
-        return ConnKey(*values.values())  # type: ignore[arg-type]
-
-    def __getnewargs__(self) -> tuple[int, bytes, int, bytes, int]:  # type: ignore[override]
-        return (self.protocol, self.local_ip, self.local_port, self.remote_ip, self.remote_port)
-
-    @property
-    def protocol(self) -> int:
-        return self[0]
-
-    @property
-    def local_ip(self) -> bytes:
-        return self[1:5] if len(self) == 13 else self[1:17]
-
-    @property
-    def remote_ip(self) -> bytes:
-        return self[5:9] if len(self) == 13 else self[17:33]
-
-    @property
-    def local_port(self) -> int:
-        return self[-4] << 8 | self[-3]
-
-    @property
-    def remote_port(self) -> int:
-        return self[-2] << 8 | self[-1]
-
-    def __repr__(self) -> str:
-        return (
-            f"ConnKey(protocol={self.protocol}, local_ip={self.local_ip!r}, local_port={self.local_port}, "
-            f"remote_ip={self.remote_ip!r}, remote_port={self.remote_port})"
-        )
+        """The key whose ``packed`` form is ``packed``."""
+        protocol, local_ip, remote_ip, local_port, remote_port = _UNPACK[len(packed)](packed)
+        return cls(protocol, local_ip, local_port, remote_ip, remote_port)
 
 
-_KEY_FIELDS = ("protocol", "local_ip", "local_port", "remote_ip", "remote_port")
+#: ConnKey.packed's layout: its packers by address length (the per-packet path uses them too), and back.
+_LAYOUTS = (struct.Struct("!B4s4sHH"), struct.Struct("!B16s16sHH"))
+KEY_PACKERS = {4: _LAYOUTS[0].pack, 16: _LAYOUTS[1].pack}
+_UNPACK = {13: _LAYOUTS[0].unpack, 37: _LAYOUTS[1].unpack}
 
 
 def conn_key_from_strings(protocol: int, local_ip: str, local_port: int, remote_ip: str, remote_port: int) -> ConnKey:

@@ -30,11 +30,11 @@ def test_a_lookup_at_the_time_an_entry_was_last_seen_leaves_it_in_place() -> Non
     assert key(1) not in cache and key(2) in cache and key(3) in cache
 
 
-def test_entries_are_kept_under_plain_bytes_and_handed_out_as_keys() -> None:
+def test_entries_are_kept_in_the_packed_form_and_handed_out_as_keys() -> None:
     cache = VerdictCache(4)
     cache.put(key(1), Verdict.ACCEPT)
     cache.now = 1.0
-    assert cache.get(bytes(key(1))) is cache.peek(key(1)) is not None  # the per-packet path's plain bytes
+    assert cache.get(key(1).packed()) is cache.peek(key(1)) is not None  # the per-packet path's form
     assert all(type(k) is bytes for k in cache._entries)
     ((listed, _),) = cache.oldest()
     assert type(listed) is ConnKey and listed == key(1) and listed.local_port == 1

@@ -228,7 +228,7 @@ def test_caches_refuse_a_size_below_one(size: int) -> None:
 def test_whole_batch_fast_path_counts_only_when_every_run_is_accepted() -> None:
     engine = make()
     engine.on_packets([conn(1000), conn(2000)])
-    accepted_key, blocked_key = (bytes(engine.held.get(i).key) for i in (1, 2))  # type: ignore[union-attr]
+    accepted_key, blocked_key = (engine.held.get(i).key.packed() for i in (1, 2))  # type: ignore[union-attr]
     engine.on_verdict(1, Verdict.ACCEPT, permanent=True)
     engine.on_verdict(2, Verdict.BLOCK, permanent=True)
     engine.outbox.take()

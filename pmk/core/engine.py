@@ -127,7 +127,7 @@ class Engine:
                         b_in += len(raw)
                     # TCP (6) with FIN or RST (0x05) at byte 33 of a simple packet: literals, this is per packet
                     if raw[9] == 6 and len(raw) > 33 and raw[33] & 0x05:
-                        self._tcp_end(key, entry, raw[33], outbound)  # type: ignore[arg-type]
+                        self._tcp_end(key, entry, raw[33], outbound)
                     if entry.verdict is accept:
                         accepted.append(packet)
                     else:
@@ -138,9 +138,8 @@ class Engine:
                 counters.unparsed += 1
                 self.outbox.unparsed.append(packet)
                 continue
-            key = flow.key(outbound)
             # A fast-path packet got here because its key is not cached: no second lookup.
-            hit = None if fast is not None else lookup(key)
+            hit = None if fast is not None else lookup(flow.packed(outbound))
             if hit is not None:
                 if outbound:
                     _add(hit, 0, 1, 0, len(raw))
@@ -149,7 +148,7 @@ class Engine:
                 counters.cache_hits += 1
                 flags_at = flow.transport_offset + 13
                 if flow.protocol == TCP and len(raw) > flags_at and raw[flags_at] & _ENDS:
-                    self._tcp_end(key, hit, raw[flags_at], outbound)
+                    self._tcp_end(flow.key(outbound), hit, raw[flags_at], outbound)
                 if hit.verdict is accept:
                     accepted.append(packet)
                 else:
@@ -157,7 +156,7 @@ class Engine:
                 continue
             counters.cache_misses += 1
             packet.flow = flow  # a block builds its reset from it
-            self._hold(HeldPacket(self._next_id, packet, key))
+            self._hold(HeldPacket(self._next_id, packet, flow.key(outbound)))
             self._next_id += 1
             # A verdict for this key may now be cached; the next packet looks it up anew.
             if entry is not None:
@@ -182,9 +181,10 @@ class Engine:
             if permanent:
                 self.outbox.kernel_hits.append((group, verdict))
 
-    def _tcp_end(self, key: ConnKey, entry: CachedVerdict, flags: int, outbound: bool) -> None:
+    def _tcp_end(self, key: ConnKey | PackedKey, entry: CachedVerdict, flags: int, outbound: bool) -> None:
         """A cached TCP connection's packet with FIN or RST: note how far its end has got."""
-        key = ConnKey.of(key)  # the fast path's plain bytes, for the record
+        if isinstance(key, bytes):
+            key = ConnKey.of(key)  # the fast path's cache form, for the record
         if flags & _RST:
             self.outbox.closing.append((key, entry, True))
             return

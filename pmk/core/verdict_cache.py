@@ -12,9 +12,9 @@ Memory per entry is what bounds how many connections pmk can hold (issue
 12: at most 200 B; ``benchmarks/cache_memory.py`` measures it), so the map
 is a plain dict (insertion-ordered; a move is a pop and a re-insert, where
 an OrderedDict would add a linked node and an index array per entry), its
-keys are the packed bytes of a ConnKey (not the ConnKey subclass, which the
-garbage collector would track), and an entry keeps what is per connection
-in eight slots while the rarely changing rest is shared (``Facts``).
+keys are ``ConnKey.packed`` bytes (one object, where the tuple is six), and
+an entry keeps what is per connection in eight slots while the rarely
+changing rest is shared (``Facts``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from pmk.packet.captured import PackedKey
 from pmk.verdicts import ConnKey, Target, Verdict
 
 
@@ -137,16 +138,15 @@ class CachedVerdict:
 class VerdictCache:
     """A bounded LRU map from connection key to its cached verdict.
 
-    Keys may be given as a ConnKey or as plain bytes of its layout (the
-    per-packet path's); entries are stored under plain bytes and handed out
-    under a ConnKey.
+    Keys are given as a ConnKey or in its ``packed`` form (the per-packet
+    path's), kept in the packed form and handed out as ConnKeys.
     """
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("verdict cache capacity must be at least 1")
         self.capacity = capacity
-        self._entries: dict[bytes, CachedVerdict] = {}
+        self._entries: dict[PackedKey, CachedVerdict] = {}
         self.evictions = 0
         #: the time lookups stamp entries with (set by the service before each event)
         self.now = 0.0
@@ -154,10 +154,10 @@ class VerdictCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._entries
+    def __contains__(self, key: ConnKey | PackedKey) -> bool:
+        return _packed(key) in self._entries
 
-    def get(self, key: bytes) -> CachedVerdict | None:
+    def get(self, key: ConnKey | PackedKey) -> CachedVerdict | None:
         """Return the entry, mark it recently used and seen now, or None.
 
         An entry already seen at this ``now`` keeps its place: entries of one
@@ -166,24 +166,24 @@ class VerdictCache:
         next resize. A batch whose runs interleave connections looks each
         one up several times.
         """
+        if type(key) is not bytes:
+            key = key.packed()  # type: ignore[union-attr]
         entries = self._entries
         entry = entries.get(key)
         if entry is not None and entry.seen != self.now:
             del entries[key]
-            # re-inserted under the plain bytes, whatever ``key`` is
-            entries[key if type(key) is bytes else bytes(key)] = entry
+            entries[key] = entry
             entry.seen = self.now
         return entry
 
-    def peek(self, key: bytes) -> CachedVerdict | None:
+    def peek(self, key: ConnKey | PackedKey) -> CachedVerdict | None:
         """The entry without touching its place or time."""
-        return self._entries.get(key)
+        return self._entries.get(_packed(key))
 
-    def put(self, key: bytes, verdict: Verdict, target: Target | None = None) -> CachedVerdict:
+    def put(self, key: ConnKey | PackedKey, verdict: Verdict, target: Target | None = None) -> CachedVerdict:
         """Cache ``verdict`` (a reroute with its ``target``) for ``key``; the least recently used entry makes room."""
         entries = self._entries
-        if type(key) is not bytes:
-            key = bytes(key)
+        key = _packed(key)
         entry = entries.pop(key, None)
         if entry is not None:
             entry.verdict = verdict
@@ -197,9 +197,9 @@ class VerdictCache:
         entry = entries[key] = CachedVerdict(verdict, target, self.now)
         return entry
 
-    def pop(self, key: bytes) -> CachedVerdict | None:
+    def pop(self, key: ConnKey | PackedKey) -> CachedVerdict | None:
         """Remove and return the entry of an ended connection."""
-        return self._entries.pop(key, None)
+        return self._entries.pop(_packed(key), None)
 
     def oldest(self) -> Iterator[tuple[ConnKey, CachedVerdict]]:
         """Entries least recently seen first (do not change the cache while iterating)."""
@@ -211,16 +211,20 @@ class VerdictCache:
         as_key = ConnKey.of
         return ((as_key(key), entry) for key, entry in reversed(self._entries.items()))
 
-    def newest_stored(self) -> Iterator[tuple[bytes, CachedVerdict]]:
-        """``newest`` under the keys as stored (plain bytes): a map of its own keyed by them adds no key objects."""
-        return reversed(self._entries.items())
-
-    def oldest_stored(self) -> Iterator[tuple[bytes, CachedVerdict]]:
-        """``oldest`` under the keys as stored (see ``newest_stored``)."""
+    def oldest_stored(self) -> Iterator[tuple[PackedKey, CachedVerdict]]:
+        """``oldest`` under the keys as stored: a map of its own keyed by them adds no key objects."""
         return iter(self._entries.items())
+
+    def newest_stored(self) -> Iterator[tuple[PackedKey, CachedVerdict]]:
+        """``newest`` under the keys as stored (see ``oldest_stored``)."""
+        return reversed(self._entries.items())
 
     def clear(self) -> int:
         """Forget everything; return how many entries there were."""
         count = len(self._entries)
         self._entries.clear()
         return count
+
+
+def _packed(key: ConnKey | PackedKey) -> PackedKey:
+    return key if type(key) is bytes else key.packed()  # type: ignore[union-attr]

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pmk.packet.parse import Flow
 
-# A connection key as plain bytes in ConnKey's layout (protocol, local address,
-# remote address, local port, remote port). Equal bytes hash alike, so it finds
-# ConnKey entries without building one per packet.
+# A connection key in the verdict cache's form (``ConnKey.packed``: protocol,
+# local address, remote address, local port, remote port as bytes), which the
+# per-packet path builds straight from the packet.
 PackedKey = bytes
 
 

@@ -6,18 +6,16 @@ as unparseable by the caller (it still ends in an outcome).
 
 Most packets are *simple*: IPv4 without options, not a fragment, TCP or UDP.
 Their key is read from fixed offsets (``simple_ipv4_key`` for one packet,
-``simple_ipv4_runs`` for a receive buffer of many) as plain bytes in
-ConnKey's layout, which find ConnKey entries; anything else goes through
-``parse_flow``.
+``simple_ipv4_runs`` for a receive buffer of many) in the verdict cache's
+form (``ConnKey.packed``); anything else goes through ``parse_flow``.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable
 
 from pmk.packet.captured import CacheRun, PackedKey
-from pmk.verdicts import ConnKey
+from pmk.verdicts import KEY_PACKERS, ConnKey
 
 TCP = 6
 UDP = 17
@@ -29,9 +27,6 @@ PORT_PROTOCOLS = frozenset({TCP, UDP, 132, 136})  # + SCTP, UDP-Lite
 _IPV6_EXTENSIONS = frozenset({0, 43, 60, 51, 44})
 _IPV6_FRAGMENT = 44
 _IPV6_AH = 51
-# ConnKey's layout, by address length: packed in C, then taken over as a ConnKey without a second check.
-_KEY_LAYOUT = {4: struct.Struct("!B4s4sHH").pack, 16: struct.Struct("!B16s16sHH").pack}
-_as_key = ConnKey.of
 
 
 class Flow:
@@ -59,10 +54,16 @@ class Flow:
 
     def key(self, outbound: bool) -> ConnKey:
         """The direction-free connection key: local side first."""
-        pack = _KEY_LAYOUT[len(self.src)]
         if outbound:
-            return _as_key(pack(self.protocol, self.src, self.dst, self.src_port, self.dst_port))
-        return _as_key(pack(self.protocol, self.dst, self.src, self.dst_port, self.src_port))
+            return ConnKey(self.protocol, self.src, self.src_port, self.dst, self.dst_port)
+        return ConnKey(self.protocol, self.dst, self.dst_port, self.src, self.src_port)
+
+    def packed(self, outbound: bool) -> PackedKey:
+        """``key(outbound).packed()`` without building the key: what a cache lookup needs."""
+        pack = KEY_PACKERS[len(self.src)]
+        if outbound:
+            return pack(self.protocol, self.src, self.dst, self.src_port, self.dst_port)
+        return pack(self.protocol, self.dst, self.src, self.dst_port, self.src_port)
 
 
 def parse_flow(raw: bytes | bytearray | memoryview) -> Flow | None:
@@ -127,9 +128,10 @@ def conn_key(raw: bytes, outbound: bool) -> ConnKey | None:
 def simple_ipv4_key(raw: bytes, outbound: bool) -> PackedKey | None:
     """The key of a simple packet (see the module docstring), local side first; None for any other packet.
 
-    Bytes 12-24 of the packet are source, destination, source and
-    destination port: ConnKey's order for an outbound packet, so that one
-    costs a single concatenation; an inbound one is put together from four slices.
+    The key is ``ConnKey.packed``'s form. Bytes 12-24 of the packet are
+    source, destination, source and destination port: that form's order for
+    an outbound packet, so that one costs a single concatenation; an inbound
+    one is put together from four slices.
     """
     if len(raw) < 24 or raw[0] != 0x45:
         return None
