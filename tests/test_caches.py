@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pmk.core.attribution import Owner
 from pmk.core.verdict_cache import VerdictCache
 from pmk.verdicts import ConnKey, Verdict
 
@@ -47,3 +48,15 @@ def test_verdict_cache_update_keeps_counters() -> None:
     again = cache.put(key(1), Verdict.BLOCK)
     assert again is entry and again.packets_in == 7 and again.verdict is Verdict.BLOCK
     assert cache.clear() == 1 and len(cache) == 0
+
+
+def test_entries_with_the_same_decider_and_owner_share_one_facts_object() -> None:
+    cache = VerdictCache(4)
+    first, second = cache.put(key(1), Verdict.ACCEPT), cache.put(key(2), Verdict.ACCEPT)
+    # equal owners from two lookups (each lookup makes its own object): one is kept
+    first.decided("decider", "d", Owner(4000, "/usr/bin/app", 1000))
+    second.decided("decider", "d", Owner(4000, "/usr/bin/app", 1000))
+    assert first.facts is second.facts and first.owner is second.owner
+    second.fin_in = True
+    assert first.facts is not second.facts and not first.fin_in and second.fin_in
+    assert (second.by, second.name, second.owner) == ("decider", "d", first.owner)

@@ -610,8 +610,7 @@ class Service:
         """Who decided a connection that just got a cached verdict (for its record)."""
         entry = self.engine.verdicts.peek(held.key)
         if entry is not None:
-            entry.by, entry.name = by, name
-            entry.owner = held.owner
+            entry.decided(by, name, held.owner)
 
     def _closing(self, key: ConnKey, entry: CachedVerdict, reset: bool, now: float) -> None:
         if self._backend.kernel_verdict_cache:
