@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from pmk.packet.captured import PackedKey
-from pmk.verdicts import ConnKey, Target, Verdict
+from pmk.verdicts import KEY_PACKERS, ConnKey, Target, Verdict
 
 
 class Facts(NamedTuple):
@@ -46,7 +46,7 @@ _NO_FACTS = Facts()
 _new_facts = tuple.__new__
 #: Equal facts are one object, shared by all the entries that have them (a
 #: process's connections, decided by one decider, have the same).
-_shared: dict[Facts, Facts] = {_NO_FACTS: _NO_FACTS}
+_shared: dict[tuple[Any, ...], Facts] = {_NO_FACTS: _NO_FACTS}
 #: When the table holds this many, it starts anew (owners come and go with
 #: processes): entries keep theirs, only sharing with older entries stops.
 _SHARED_MAX = 4096
@@ -88,7 +88,9 @@ class CachedVerdict:
     def decided(self, by: str, name: str, owner: Any) -> None:
         """Who decided and the owner, at once: one shared ``Facts`` looked up instead of three."""
         f = self.facts
-        self.facts = _share(_new_facts(Facts, (f[0], by, name, owner, f[4], f[5])))
+        wanted = (f[0], by, name, owner, f[4], f[5])
+        kept = _shared.get(wanted)  # a plain tuple finds the equal Facts: none is built unless new
+        self.facts = kept if kept is not None else _share(_new_facts(Facts, wanted))
 
     @property
     def target(self) -> Target | None:
@@ -160,12 +162,25 @@ class VerdictCache:
         self.evictions = 0
         #: the time lookups stamp entries with (set by the service before each event)
         self.now = 0.0
+        # the last ConnKey packed and its packed form: a decision puts, then peeks, one key
+        self._last: tuple[ConnKey | None, PackedKey] = (None, b"")
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __contains__(self, key: ConnKey | PackedKey) -> bool:
-        return _packed(key) in self._entries
+        return self._packed(key) in self._entries
+
+    def _packed(self, key: ConnKey | PackedKey) -> PackedKey:
+        if isinstance(key, bytes):
+            return key
+        last, packed = self._last
+        if key is not last:
+            # ConnKey.packed() written out (a call less: this runs twice per decision)
+            pack = KEY_PACKERS[len(key.local_ip)]
+            packed = pack(key.protocol, key.local_ip, key.remote_ip, key.local_port, key.remote_port)
+            self._last = (key, packed)
+        return packed
 
     def get(self, key: ConnKey | PackedKey) -> CachedVerdict | None:
         """Return the entry, mark it recently used and seen now, or None.
@@ -177,7 +192,7 @@ class VerdictCache:
         one up several times.
         """
         if type(key) is not bytes:
-            key = key.packed()  # type: ignore[union-attr]
+            key = self._packed(key)
         entries = self._entries
         entry = entries.get(key)
         if entry is not None and entry.seen != self.now:
@@ -188,12 +203,12 @@ class VerdictCache:
 
     def peek(self, key: ConnKey | PackedKey) -> CachedVerdict | None:
         """The entry without touching its place or time."""
-        return self._entries.get(_packed(key))
+        return self._entries.get(self._packed(key))
 
     def put(self, key: ConnKey | PackedKey, verdict: Verdict, target: Target | None = None) -> CachedVerdict:
         """Cache ``verdict`` (a reroute with its ``target``) for ``key``; the least recently used entry makes room."""
         entries = self._entries
-        key = _packed(key)
+        key = self._packed(key)
         entry = entries.pop(key, None)
         if entry is not None:
             entry.verdict = verdict
@@ -209,7 +224,7 @@ class VerdictCache:
 
     def pop(self, key: ConnKey | PackedKey) -> CachedVerdict | None:
         """Remove and return the entry of an ended connection."""
-        return self._entries.pop(_packed(key), None)
+        return self._entries.pop(self._packed(key), None)
 
     def oldest(self) -> Iterator[tuple[ConnKey, CachedVerdict]]:
         """Entries least recently seen first (do not change the cache while iterating)."""
@@ -234,7 +249,3 @@ class VerdictCache:
         count = len(self._entries)
         self._entries.clear()
         return count
-
-
-def _packed(key: ConnKey | PackedKey) -> PackedKey:
-    return key if type(key) is bytes else key.packed()  # type: ignore[union-attr]
