@@ -13,9 +13,9 @@ Memory per entry is what bounds how many connections pmk can hold (issue
 is a plain dict (insertion-ordered; a move is a pop and a re-insert, where
 an OrderedDict would add a linked node and an index array per entry), its
 keys are ``ConnKey.packed`` bytes (one object, where the tuple with its
-addresses and ports is up to five), and
-an entry keeps what is per connection in eight slots while the rarely
-changing rest is shared (``Facts``).
+addresses and ports is up to five), and an entry keeps what is per
+connection in eight slots while the rarely changing rest is shared
+(``Facts``).
 """
 
 from __future__ import annotations
