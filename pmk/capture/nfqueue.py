@@ -70,6 +70,7 @@ _COUNTERS = (
     "rerouted",
     "nat_errors",
     "verdict_errors",
+    "verdict_sends",
     "flows_created",
     "flow_errors",
     "rules_restored",
@@ -566,6 +567,7 @@ class NfqueueBackend(CaptureBackend):
             self._counts["verdict_errors"] += sum(unsent.values())
             log.warning("%d verdicts could not be sent: %s", sum(unsent.values()), error)
             return
+        self._counts["verdict_sends"] += 1
         for counter, count in unsent.items():
             self._counts[counter] += count
         for cp, code in flows:
