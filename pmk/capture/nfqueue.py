@@ -199,9 +199,10 @@ class _BoundedRecv:
                 raise
             if data[4:6] != ERROR_TYPE:
                 return data
-            if refusal_errno(data):
+            error = refusal_errno(data)
+            if error:
                 self.refused += 1
-                log.debug("the kernel refused a verdict: %s", os.strerror(refusal_errno(data)))
+                log.debug("the kernel refused a verdict: %s", os.strerror(error))
 
 
 class NfqueueBackend(CaptureBackend):
@@ -550,26 +551,32 @@ class NfqueueBackend(CaptureBackend):
     def flush_verdicts(self) -> None:
         """Send every collected verdict in one datagram on the queue's socket.
 
-        The kernel walks the messages in order; one it refuses is answered
-        with an NLMSG_ERROR that the reader counts. If the send itself fails
-        (the socket is gone, no memory), none was given: all count as errors.
+        The kernel walks the messages in order; one it refuses (the packet
+        vanished from the queue meanwhile) is answered with an NLMSG_ERROR that
+        the reader adds to ``verdict_errors``, having counted it as sent here.
+        If the send itself fails (the socket is gone, no memory), none was
+        given: all count as errors.
         """
         if not self._verdicts:
             return
         data = self._verdicts.take()
-        unsent, self._unsent = self._unsent, dict.fromkeys(_VERDICT_COUNTERS, 0)
+        counts, unsent = self._counts, self._unsent  # zeroed in place: ``apply`` holds it
+        given = sum(unsent.values())
         flows, self._unsent_flows = self._unsent_flows, []
         try:
             if self._sock is None:
                 raise OSError(errno.EBADF, "the queue is not bound")
             self._sock.sendto(data, (0, 0))
         except OSError as error:
-            self._counts["verdict_errors"] += sum(unsent.values())
-            log.warning("%d verdicts could not be sent: %s", sum(unsent.values()), error)
-            return
-        self._counts["verdict_sends"] += 1
-        for counter, count in unsent.items():
-            self._counts[counter] += count
+            counts["verdict_errors"] += given
+            log.warning("%d verdicts could not be sent: %s", given, error)
+            flows.clear()
+        else:
+            counts["verdict_sends"] += 1
+            for counter in _VERDICT_COUNTERS:
+                counts[counter] += unsent[counter]
+        for counter in _VERDICT_COUNTERS:
+            unsent[counter] = 0
         for cp, code in flows:
             self._remember_dropped_flow(cp, code)
 
