@@ -3,8 +3,10 @@
 libnetfilter_queue sends one datagram, one ``sendmsg``, per verdict. The
 kernel's netlink input (``netlink_rcv_skb``) walks every message in a datagram,
 so the verdicts of a whole pass of the server can go in one ``sendto`` on the
-queue's own socket: the py-spy profile of new connections on nfqueue showed
-the per-packet verdict call (``pkt.repeat()``) at 24% of pmk's time. The
+queue's own socket. The py-spy profile of new connections on nfqueue put
+the per-packet verdict call (``pkt.repeat()``) at 12-24% of pmk's samples,
+7.1 us of CPU per packet; in one datagram per pass it is 3.4 us, the rest
+being the kernel's own work (``benchmarks/nfq_verdict_cost.py``). The
 messages are sent without NLM_F_ACK; a message the kernel refuses (the packet
 is gone: ENOENT) still comes back as an NLMSG_ERROR on that socket, among
 the packets; ``ERROR_TYPE`` and ``refusal_errno`` tell it apart.
