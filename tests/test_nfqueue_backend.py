@@ -189,6 +189,13 @@ def harness_main(argv: list[str]) -> None:
                 backend.apply(mine, Verdict(name), permanent)
             backend.flush_verdicts()
             reply({"stats": backend.stats(), "seen": seen})
+        elif cmd["cmd"] == "bogus_verdict":
+            # A verdict for a packet id the queue never held: the kernel answers with an NLMSG_ERROR.
+            from pmk.capture.nfq_verdicts import NF_ACCEPT
+
+            backend._verdicts.add(0xFFFFFFF0, NF_ACCEPT)
+            backend.flush_verdicts()
+            reply({"ok": True})
         elif cmd["cmd"] == "close":
             backend.close()
             backend.close()  # idempotent
@@ -595,6 +602,15 @@ def test_one_datagram_carries_verdicts_with_different_marks(hosts: TwoHosts, har
     }
     assert marks == {5016: {0x00100000}, 5017: {0x00200000}}  # the ACCEPT and BLOCK codes, default mask
     assert seen == {5016: 1, 5017: 1, 5018: 2}
+
+
+@needs_root
+def test_a_refused_verdict_is_counted_and_packets_keep_flowing(hosts: TwoHosts, harness: Harness) -> None:
+    assert harness.cmd("bogus_verdict") == {"ok": True}
+    # The refusal arrives on the queue's socket ahead of this packet; the reader takes it out.
+    assert client(hosts, "udp", hosts.server_ip, 5011, 5) == {"echoed": 1}
+    stats = harness.cmd("stats")["stats"]
+    assert (stats["verdict_errors"], stats["accepted"], stats["verdict_sends"]) == (1, 1, 2)
 
 
 @needs_root
