@@ -48,9 +48,12 @@ POLICY: dict[str, tuple[str, bool]] = {
     "udp:5013": ("drop", True),
     "udp:5014": ("hold", False),
     "udp:5015": ("block", False),
+    "udp:5016": ("hold", False),
+    "udp:5017": ("hold", False),
+    "udp:5018": ("hold", False),
 }
 TCP_PORTS = (5001, 5002, 5003, 5004, 5005, 5006)
-UDP_PORTS = (5011, 5012, 5013, 5014, 5015)
+UDP_PORTS = (5011, 5012, 5013, 5014, 5015, 5016, 5017, 5018)
 BULK_BYTES = 8 * 1024 * 1024
 IO_TIMEOUT = 20.0
 
@@ -80,7 +83,7 @@ def harness_main(argv: list[str]) -> None:
     seen: dict[str, int] = {}
     last_key: dict[str, ConnKey] = {}
     keys: dict[str, set[ConnKey]] = {}
-    held: list[object] = []
+    held: list[tuple[str, Any]] = []
 
     def sink(batch: list) -> None:
         for cp in batch:
@@ -100,7 +103,7 @@ def harness_main(argv: list[str]) -> None:
             keys.setdefault(port, set()).add(last_key[port])
             verdict, permanent = POLICY.get(port, ("drop", False))
             if verdict == "hold":
-                held.append(cp)
+                held.append((port, cp))
             else:
                 backend.apply([cp], Verdict(verdict), permanent)
 
@@ -176,6 +179,22 @@ def harness_main(argv: list[str]) -> None:
                 raise NetlinkError(errno.EPERM)
 
             AsyncConntrack.entry = refuse
+            reply({"ok": True})
+        elif cmd["cmd"] == "release":
+            # The held packets of each port get that port's verdict, one apply per
+            # verdict as the server's commands come, then one flush as at a pass's end.
+            for port, (name, permanent) in cmd["verdicts"].items():
+                mine = [cp for held_port, cp in held if held_port == port]
+                held[:] = [(held_port, cp) for held_port, cp in held if held_port != port]
+                backend.apply(mine, Verdict(name), permanent)
+            backend.flush_verdicts()
+            reply({"stats": backend.stats(), "seen": seen})
+        elif cmd["cmd"] == "bogus_verdict":
+            # A verdict for a packet id the queue never held: the kernel answers with an NLMSG_ERROR.
+            from pmk.capture.nfq_verdicts import NF_ACCEPT
+
+            backend._verdicts.add(0xFFFFFFF0, NF_ACCEPT)
+            backend.flush_verdicts()
             reply({"ok": True})
         elif cmd["cmd"] == "close":
             backend.close()
@@ -267,7 +286,7 @@ def client_main(argv: list[str]) -> None:
                     except OSError as exc:
                         out.setdefault("errors", []).append(_err(exc))  # type: ignore[attr-defined]
                     if action == "udp_repeat":
-                        print(json.dumps({"sent": i}), flush=True)
+                        print(json.dumps({"sent": i, **out}), flush=True)
         elif action == "tcp_stream":  # send for ``arg`` seconds, then expect the total back
             with socket.create_connection((host, port), timeout=IO_TIMEOUT) as s:
                 chunk, sent, until = b"x" * 16384, 0, time.monotonic() + arg
@@ -532,6 +551,66 @@ def test_udp_block_sends_icmp_unreachable_and_sticks(hosts: TwoHosts, harness: H
     assert res["errors"][0] == "ECONNREFUSED"
     # Same flow again: rejected by the kernel from the connection mark, never asked.
     assert harness.seen("udp:5012") == 1
+
+
+@needs_root
+def test_one_datagram_carries_verdicts_with_different_marks(hosts: TwoHosts, harness: Harness) -> None:
+    clients = {
+        port: subprocess.Popen(
+            _script(hosts, hosts.client, "client", "udp_repeat", hosts.server_ip, str(port), "3"),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for port in (5016, 5017, 5018)
+    }
+    try:
+        deadline = time.monotonic() + IO_TIMEOUT
+        while sum(harness.seen(f"udp:{port}") for port in clients) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = harness.cmd("stats")["stats"]
+        verdicts = {"udp:5016": ("accept", True), "udp:5017": ("block", True), "udp:5018": ("drop", False)}
+        after = harness.cmd("release", verdicts=verdicts)["stats"]
+        first = {port: _readline(proc) for port, proc in clients.items()}
+        # The blocked flow's conntrack entry is re-created with the block mark (the packet took the first one).
+        while harness.cmd("stats")["stats"]["flows_created"] <= before["flows_created"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for proc in clients.values():  # a second datagram on each flow
+            assert proc.stdin is not None
+            proc.stdin.write("again\n")
+            proc.stdin.flush()
+        second = {port: _readline(proc) for port, proc in clients.items()}
+        marks = {port: set(conn_marks(hosts, port).values()) for port in (5016, 5017)}
+        seen = {port: harness.seen(f"udp:{port}") for port in clients}
+    finally:
+        for proc in clients.values():
+            _stop(proc)
+    grew = {name: after[name] - before[name] for name in ("verdict_sends", "accepted", "blocked", "dropped")}
+    assert grew == {"verdict_sends": 1, "accepted": 1, "blocked": 1, "dropped": 1}
+    assert after["verdict_errors"] == 0
+    assert first == {
+        5016: {"sent": 0, "echoed": 1},
+        5017: {"sent": 0, "echoed": 0, "errors": ["ECONNREFUSED"]},
+        5018: {"sent": 0, "echoed": 0, "errors": ["timeout"]},
+    }
+    # The permanent verdicts are the kernel's now (never asked again); the drop was for one packet.
+    assert second == {
+        5016: {"sent": 1, "echoed": 2},
+        5017: {"sent": 1, "echoed": 0, "errors": ["ECONNREFUSED", "ECONNREFUSED"]},
+        5018: {"sent": 1, "echoed": 0, "errors": ["timeout", "timeout"]},
+    }
+    assert marks == {5016: {0x00100000}, 5017: {0x00200000}}  # the ACCEPT and BLOCK codes, default mask
+    assert seen == {5016: 1, 5017: 1, 5018: 2}
+
+
+@needs_root
+def test_a_refused_verdict_is_counted_and_packets_keep_flowing(hosts: TwoHosts, harness: Harness) -> None:
+    assert harness.cmd("bogus_verdict") == {"ok": True}
+    # The refusal arrives on the queue's socket ahead of this packet; the reader takes it out.
+    assert client(hosts, "udp", hosts.server_ip, 5011, 5) == {"echoed": 1}
+    stats = harness.cmd("stats")["stats"]
+    assert (stats["verdict_errors"], stats["accepted"], stats["verdict_sends"]) == (1, 1, 2)
 
 
 @needs_root

@@ -71,6 +71,13 @@ class CaptureBackend(abc.ABC):
         the packets' connections.
         """
 
+    def flush_verdicts(self) -> None:  # noqa: B027
+        """Send verdicts ``apply`` collected; the server calls it once per pass of its commands.
+
+        A backend that gives verdicts in batches (nfqueue) sends them here at
+        the latest; others carry out each ``apply`` at once.
+        """
+
     def reroutable(self, packet: CapturedPacket) -> bool:
         """Whether a reroute can still take effect for ``packet``'s connection (it starts it)."""
         return False

@@ -283,6 +283,7 @@ class Server:
                 case cmd.Forget(client, msgid):
                     if (session := sessions.get(client)) is not None:
                         session.forget(msgid)
+        self.backend.flush_verdicts()
         for session in written:
             session.schedule_flush()
 

@@ -97,6 +97,7 @@ STATS: tuple[Stat, ...] = (
     Stat("conntrack_events_lost", C, _B, "conntrack event buffer overflows: some ends were not seen"),
     Stat("batches", C, _B, "reads from the kernel queue"),
     Stat("verdict_errors", C, _B, "verdicts the kernel refused"),
+    Stat("verdict_sends", C, _B, "datagrams that carried verdicts to the kernel, many each (nfqueue)"),
     Stat("flows_created", C, _B, "kernel flow entries made for permanent non-accept verdicts"),
     Stat("flow_errors", C, _B, "kernel flow entries that could not be made"),
     Stat("nat_errors", C, _B, "reroutes blocked because their NAT target could not be installed (nfqueue)"),
