@@ -390,6 +390,14 @@ class Peer:
     def accepts(self, port: int) -> list[dict[str, Any]]:
         return [e for e in self.events if e["ev"] == "tcp_accept" and e["port"] == port]
 
+    async def settle(self, done: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+        """Wait until ``done()`` holds: the peer reports what arrived a moment after it answered."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not done():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"the peer never reported {what}: {self.events}")
+            await asyncio.sleep(0.02)
+
     async def close(self) -> None:
         await _end(self.proc)
         with contextlib.suppress(asyncio.CancelledError):

@@ -61,6 +61,7 @@ async def test_decide_names_the_process_of_the_local_socket(backend: str) -> Non
                 assert info["direction"] == direction
                 assert owner_fields(info) == (pid, *process_of(pid)), (direction, protocol, family, info)
                 assert 0 < info["timeout_ms"] <= 2000
+        await remote.settle(lambda: len(remote.accepts(TCP)) >= 2 and len(remote.udp(UDP)) >= 2, "two of each")
         assert len(remote.accepts(TCP)) == 2 and remote.udp(UDP) == ["out", "out"]
         stats = await bed.server.check_identity()
         assert stats["attribution_errors"] == 0
