@@ -32,6 +32,7 @@ from pyroute2.conntrack import AsyncConntrack
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import TCP_CONNTRACK_SYN_SENT, NFCTAttrTuple
 
+from pmk.capture.ctclear import MarkClearer
 from pmk.errors import PmkError
 from pmk.packet.parse import PORT_PROTOCOLS, TCP
 from pmk.verdicts import ConnKey, ip_text
@@ -98,6 +99,7 @@ class ConntrackMarks:
         # Used on the worker thread only.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sockets: dict[int, AsyncConntrack] = {}
+        self._clearer = MarkClearer(mark_mask)
         self._done = False
 
     # --- called from any thread ----------------------------------------------
@@ -111,8 +113,12 @@ class ConntrackMarks:
         return self._submit(self._set_mark(key, value)).result()
 
     def clear_marks(self) -> int:
-        """Clear pmk's bits from every entry that has one of ``connection_values``; returns the count."""
-        return self._submit(self._clear_marks()).result()
+        """Clear pmk's bits from every entry that has one of ``connection_values``; returns the count.
+
+        In bulk (``ctclear``): well under a second per million entries, and
+        pmk's event loop keeps running meanwhile.
+        """
+        return self._submit_call(self._clear_marks).result()
 
     def create_flow(
         self, protocol: int, src: bytes, dst: bytes, sport: int, dport: int, value: int, timeout: int
@@ -133,7 +139,18 @@ class ConntrackMarks:
             request.close()
             raise _closed() from None
 
+    def _submit_call(self, call: Callable[[], T]) -> Future[T]:
+        try:
+            return self._worker.submit(self._call, call)
+        except RuntimeError:  # closed
+            raise _closed() from None
+
     # --- on the worker thread ------------------------------------------------
+
+    def _call(self, call: Callable[[], T]) -> T:
+        if self._done:  # submitted while close was under way
+            raise _closed()
+        return call()
 
     def _run(self, request: Coroutine[Any, Any, T]) -> T:
         if self._done:  # submitted while close was under way
@@ -148,6 +165,7 @@ class ConntrackMarks:
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
+        self._clearer.close()
         if self._loop is not None:
             self._loop.run_until_complete(asyncio.sleep(0))  # lets the closed transports finish
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
@@ -202,15 +220,11 @@ class ConntrackMarks:
                 changed += await self._change(family, what, value, tuple_orig=entry.tuple_orig, zone=entry.zone or None)
         return changed
 
-    async def _clear_marks(self) -> int:
-        cleared = 0
-        for family in FAMILIES:
-            for value in self.connection_values:
-                what = f"listing entries marked {value:#x}/{self.mark_mask:#x}"
-                for entry in await self._dump(what, family, mark=value, mark_mask=self.mark_mask):
-                    lookup = {"tuple_orig": entry.tuple_orig, "zone": entry.zone or None}
-                    cleared += await self._change(family, "clearing pmk's marks", 0, **lookup)
-        return cleared
+    def _clear_marks(self) -> int:
+        try:
+            return self._clearer.clear(self.connection_values)
+        except OSError as error:
+            raise ConntrackError(f"conntrack: clearing pmk's marks: {_reason(error)}") from error
 
     async def _create_flow(
         self, protocol: int, src: bytes, dst: bytes, sport: int, dport: int, value: int, timeout: int

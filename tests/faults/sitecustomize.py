@@ -2,7 +2,8 @@
 
 Python imports ``sitecustomize`` at start from PYTHONPATH. With
 ``PMK_TEST_REFUSE_CONNTRACK`` naming a file, every conntrack mark change
-(pyroute2's ``entry("set")``) fails with EPERM for as long as that file exists.
+(pyroute2's ``entry("set")``, and the bulk clear of ``pmk.capture.ctclear``
+before it sends anything) fails with EPERM for as long as that file exists.
 Without the variable this does nothing.
 """
 
@@ -19,6 +20,8 @@ if _SWITCH:
     from pyroute2.conntrack import AsyncConntrack
     from pyroute2.netlink.exceptions import NetlinkError
 
+    from pmk.capture.ctclear import MarkClearer
+
     _real_entry = AsyncConntrack.entry
 
     async def _entry(self: AsyncConntrack, cmd: str, **kwargs: Any) -> Any:
@@ -27,3 +30,12 @@ if _SWITCH:
         return await _real_entry(self, cmd, **kwargs)
 
     AsyncConntrack.entry = _entry
+
+    _real_clear_bit = MarkClearer._clear_bit
+
+    def _clear_bit(self: MarkClearer, bit: int) -> int:
+        if os.path.exists(str(_SWITCH)):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        return _real_clear_bit(self, bit)
+
+    MarkClearer._clear_bit = _clear_bit  # type: ignore[method-assign]
