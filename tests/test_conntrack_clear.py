@@ -1,4 +1,4 @@
-"""ConntrackMarks.clear_marks (bulk, ``pmk.capture.ctclear``) against a real conntrack table.
+"""ConntrackMarks.clear_marks (bulk, ``pmk.capture.ctbulk``) against a real conntrack table.
 
 A few hundred entries carry pmk's three stored values, over both IP
 versions, a zone other than the default, and ICMP; one has someone else's
@@ -86,7 +86,7 @@ def script_main() -> None:
     out["cleared_again"] = marks.clear_marks()
     # A failure (here its dump socket closed under it) is a ConntrackError; the next call opens fresh sockets.
     add(udp(PMK_ENTRIES + 3), VALUES[2])
-    marks._clearer._dump.close()  # type: ignore[union-attr]
+    marks._bulk._dump.close()  # type: ignore[union-attr]
     try:
         marks.clear_marks()
     except ConntrackError as error:

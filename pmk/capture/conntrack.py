@@ -32,7 +32,7 @@ from pyroute2.conntrack import AsyncConntrack
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import TCP_CONNTRACK_SYN_SENT, NFCTAttrTuple
 
-from pmk.capture.ctclear import MarkClearer
+from pmk.capture.ctbulk import BulkMarks
 from pmk.errors import PmkError
 from pmk.packet.parse import PORT_PROTOCOLS, TCP
 from pmk.verdicts import ConnKey, ip_text
@@ -99,7 +99,7 @@ class ConntrackMarks:
         # Used on the worker thread only.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sockets: dict[int, AsyncConntrack] = {}
-        self._clearer = MarkClearer(mark_mask)
+        self._bulk = BulkMarks(mark_mask)
         self._done = False
 
     # --- called from any thread ----------------------------------------------
@@ -110,12 +110,14 @@ class ConntrackMarks:
         A connection that has no entry (it ended) changes nothing and is no
         error. Raises ConntrackError when the kernel refuses.
         """
-        return self._submit(self._set_mark(key, value)).result()
+        if key.protocol in PORT_PROTOCOLS:
+            return self._submit(self._set_mark(key, value)).result()
+        return self._submit_call(lambda: self._set_between(key, value)).result()
 
     def clear_marks(self) -> int:
         """Clear pmk's bits from every entry that has one of ``connection_values``; returns the count.
 
-        In bulk (``ctclear``): well under a second per million entries, and
+        In bulk (``ctbulk``): well under a second per million entries, and
         pmk's event loop keeps running meanwhile.
         """
         return self._submit_call(self._clear_marks).result()
@@ -165,7 +167,7 @@ class ConntrackMarks:
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
-        self._clearer.close()
+        self._bulk.close()
         if self._loop is not None:
             self._loop.run_until_complete(asyncio.sleep(0))  # lets the closed transports finish
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
@@ -198,31 +200,23 @@ class ConntrackMarks:
 
         return await self._request(what, family, change)
 
-    async def _dump(self, what: str, family: int, **filters: Any) -> list[Any]:
-        async def dump(sock: AsyncConntrack) -> list[Any]:
-            return [entry async for entry in await sock.dump_entries(**filters)]
-
-        return await self._request(what, family, dump)
-
     async def _set_mark(self, key: ConnKey, value: int) -> int:
-        family = _family(key.local_ip)
-        what = f"setting the mark of {_describe(key)}"
+        # The kernel finds an entry by either direction's tuple: one request.
         local_first = _tuple(key.protocol, key.local_ip, key.remote_ip, key.local_port, key.remote_port)
-        if key.protocol in PORT_PROTOCOLS:
-            # The kernel finds an entry by either direction's tuple: one request.
-            return await self._change(family, what, value, tuple_orig=local_first)
+        return await self._change(
+            _family(key.local_ip), f"setting the mark of {_describe(key)}", value, tuple_orig=local_first
+        )
+
+    def _set_between(self, key: ConnKey, value: int) -> int:
         # Without ports a key covers every flow of the protocol between the two addresses.
-        remote_first = local_first.reverse()
-        changed = 0
-        for entry in await self._dump(what, family):
-            # Compared with the pattern on the left: its unset fields match anything.
-            if local_first == entry.tuple_orig or remote_first == entry.tuple_orig:
-                changed += await self._change(family, what, value, tuple_orig=entry.tuple_orig, zone=entry.zone or None)
-        return changed
+        try:
+            return self._bulk.set_between(key.protocol, key.local_ip, key.remote_ip, value)
+        except OSError as error:
+            raise ConntrackError(f"conntrack: setting the mark of {_describe(key)}: {_reason(error)}") from error
 
     def _clear_marks(self) -> int:
         try:
-            return self._clearer.clear(self.connection_values)
+            return self._bulk.clear(self.connection_values)
         except OSError as error:
             raise ConntrackError(f"conntrack: clearing pmk's marks: {_reason(error)}") from error
 

@@ -2,8 +2,8 @@
 
 Python imports ``sitecustomize`` at start from PYTHONPATH. With
 ``PMK_TEST_REFUSE_CONNTRACK`` naming a file, every conntrack mark change
-(pyroute2's ``entry("set")``, and the bulk clear of ``pmk.capture.ctclear``
-before it sends anything) fails with EPERM for as long as that file exists.
+(pyroute2's ``entry("set")``, and the bulk changes of ``pmk.capture.ctbulk``
+before they send anything) fails with EPERM for as long as that file exists.
 Without the variable this does nothing.
 """
 
@@ -20,7 +20,7 @@ if _SWITCH:
     from pyroute2.conntrack import AsyncConntrack
     from pyroute2.netlink.exceptions import NetlinkError
 
-    from pmk.capture.ctclear import MarkClearer
+    from pmk.capture.ctbulk import BulkMarks
 
     _real_entry = AsyncConntrack.entry
 
@@ -31,11 +31,11 @@ if _SWITCH:
 
     AsyncConntrack.entry = _entry
 
-    _real_clear_bit = MarkClearer._clear_bit
+    _real_rewrite = BulkMarks._rewrite
 
-    def _clear_bit(self: MarkClearer, bit: int) -> int:
+    def _rewrite(self: BulkMarks, family: int, filters: bytes, value: int) -> int:
         if os.path.exists(str(_SWITCH)):
             raise OSError(errno.EPERM, os.strerror(errno.EPERM))
-        return _real_clear_bit(self, bit)
+        return _real_rewrite(self, family, filters, value)
 
-    MarkClearer._clear_bit = _clear_bit  # type: ignore[method-assign]
+    BulkMarks._rewrite = _rewrite  # type: ignore[method-assign]

@@ -6,7 +6,7 @@ import errno
 import socket
 import struct
 
-from pmk.capture.ctclear import CTA_ZONE, failures_of, updates_of
+from pmk.capture.ctbulk import CTA_ZONE, failures_of, updates_of
 from pmk.capture.ctevents import CTA_MARK, CTA_MARK_MASK, CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, NLMSG_DONE, NLMSG_ERROR
 from tests.test_ctevents import HERE, HERE6, PEER, PEER6, attr, control, ct_tuple
 

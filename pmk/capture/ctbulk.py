@@ -45,9 +45,16 @@ from pmk.capture.ctevents import (
     _NLA_TYPE_MASK,
     _NLMSG,
     _RECV_SIZE,
+    CTA_IP_V4_DST,
+    CTA_IP_V4_SRC,
+    CTA_IP_V6_DST,
+    CTA_IP_V6_SRC,
     CTA_MARK,
     CTA_MARK_MASK,
+    CTA_PROTO_NUM,
+    CTA_TUPLE_IP,
     CTA_TUPLE_ORIG,
+    CTA_TUPLE_PROTO,
     CTA_TUPLE_REPLY,
     IPCTNL_MSG_CT_GET,
     IPCTNL_MSG_CT_NEW,
@@ -62,6 +69,10 @@ from pmk.capture.ctevents import (
 )
 
 CTA_ZONE = 18
+CTA_FILTER = 25
+CTA_FILTER_ORIG_FLAGS = 1
+FILTER_IP_SRC, FILTER_IP_DST, FILTER_PROTO_NUM = 1 << 0, 1 << 1, 1 << 3  # CTA_FILTER_FLAG_CTA_*
+NLA_F_NESTED = 0x8000
 NETLINK_CAP_ACK = 10
 #: Receive buffer of the update socket: room for every failure report of
 #: one update datagram (about 1 KiB of kernel memory each), many times over.
@@ -71,11 +82,27 @@ _NEW_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 _GET_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
 _ERRNO = struct.Struct("=i")
 _BE32 = struct.Struct(">I")
+_U32 = struct.Struct("=I")
 _HEAD = _NLMSG.size + _NFGEN.size
 
 
 def _attr(kind: int, value: int) -> bytes:
     return _NLA.pack(8, kind) + _BE32.pack(value)
+
+
+def _nest(kind: int, payload: bytes) -> bytes:
+    return _NLA.pack(4 + len(payload), kind | NLA_F_NESTED) + payload
+
+
+def _tuple_filter(protocol: int, src: bytes, dst: bytes) -> bytes:
+    """Dump filter attributes: entries whose original tuple has this protocol, source and destination."""
+    v4 = len(src) == 4
+    addresses = _NLA.pack(4 + len(src), CTA_IP_V4_SRC if v4 else CTA_IP_V6_SRC) + src
+    addresses += _NLA.pack(4 + len(dst), CTA_IP_V4_DST if v4 else CTA_IP_V6_DST) + dst
+    proto = _NLA.pack(5, CTA_PROTO_NUM) + bytes((protocol, 0, 0, 0))
+    orig = _nest(CTA_TUPLE_ORIG, _nest(CTA_TUPLE_IP, addresses) + _nest(CTA_TUPLE_PROTO, proto))
+    flags = _NLA.pack(8, CTA_FILTER_ORIG_FLAGS) + _U32.pack(FILTER_IP_SRC | FILTER_IP_DST | FILTER_PROTO_NUM)
+    return orig + _nest(CTA_FILTER, flags)
 
 
 def _identity(data: bytes | bytearray, pos: int, end: int) -> bytes:
@@ -174,8 +201,8 @@ def failures_of(data: bytes | bytearray, size: int) -> tuple[int, int]:
     return gone, failure
 
 
-class MarkClearer:
-    """Clears pmk's bits from every entry marked with given values; blocking, one thread at a time.
+class BulkMarks:
+    """Sets pmk's bits of every entry a kernel-filtered dump finds; blocking, one thread at a time.
 
     Holds two ctnetlink sockets (a dump's answers and update failures stay
     apart), opened at first use in the calling thread's network namespace.
@@ -190,7 +217,6 @@ class MarkClearer:
         self._buffer = bytearray(_RECV_SIZE)
         self._reports = bytearray(_RECV_SIZE)
         self._seq = 0
-        self._tail = _attr(CTA_MARK, 0) + _attr(CTA_MARK_MASK, mark_mask)
 
     def clear(self, values: Iterable[int]) -> int:
         """Clear pmk's bits from every entry that has a bit of ``values``; returns how many entries.
@@ -200,11 +226,21 @@ class MarkClearer:
         cleared by the first dump, so the second skips it.
         """
         bits = functools.reduce(operator.or_, values, 0) & self.mark_mask
-        try:
-            return sum(self._clear_bit(1 << shift) for shift in range(bits.bit_length()) if bits >> shift & 1)
-        except BaseException:
-            self.close()
-            raise
+        found = (1 << shift for shift in range(bits.bit_length()) if bits >> shift & 1)
+        return sum(
+            self._rewrite(socket.AF_UNSPEC, _attr(CTA_MARK, bit) + _attr(CTA_MARK_MASK, bit), 0) for bit in found
+        )
+
+    def set_between(self, protocol: int, one: bytes, other: bytes, value: int) -> int:
+        """Set pmk's bits to ``value`` on every flow of ``protocol`` between two addresses; returns how many.
+
+        For keys without ports (ICMP): their entries differ in fields the key
+        lacks (the ICMP id), so the kernel finds them with a tuple filter, one
+        dump per direction (which address began the flow).
+        """
+        family = socket.AF_INET if len(one) == 4 else socket.AF_INET6
+        directions = ((one, other), (other, one)) if one != other else ((one, other),)
+        return sum(self._rewrite(family, _tuple_filter(protocol, src, dst), value) for src, dst in directions)
 
     def close(self) -> None:
         for sock in (self._dump, self._update):
@@ -228,13 +264,20 @@ class MarkClearer:
             update.bind((0, 0))
         return self._dump, self._update
 
-    def _clear_bit(self, bit: int) -> int:
-        dump, update = self._sockets()
+    def _rewrite(self, family: int, filters: bytes, value: int) -> int:
+        """Dump the entries ``filters`` select and set pmk's bits of each to ``value``; how many changed."""
+        try:
+            return self._rewrite_on(*self._sockets(), family, filters, value)
+        except BaseException:
+            self.close()
+            raise
+
+    def _rewrite_on(self, dump: socket.socket, update: socket.socket, family: int, filters: bytes, value: int) -> int:
         self._seq = seq = self._seq % 0xFFFFFFFF + 1
-        body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0) + _attr(CTA_MARK, bit) + _attr(CTA_MARK_MASK, bit)
+        body = _NFGEN.pack(family, 0, 0) + filters
         dump.send(_NLMSG.pack(_HEAD - _NFGEN.size + len(body), _GET_TYPE, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
-        buffer, tail = self._buffer, self._tail
-        cleared = 0
+        buffer, tail = self._buffer, _attr(CTA_MARK, value) + _attr(CTA_MARK_MASK, self.mark_mask)
+        changed = 0
         done = False
         while not done:
             size = dump.recv_into(buffer)
@@ -244,8 +287,8 @@ class MarkClearer:
                 raise OSError(failure, f"conntrack dump: {os.strerror(failure)}")
             if count:
                 update.send(b"".join(requests))
-                cleared += count - self._gone(update)
-        return cleared
+                changed += count - self._gone(update)
+        return changed
 
     def _gone(self, update: socket.socket) -> int:
         """How many of the last updates found no entry; raises OSError for any other failure.
