@@ -7,7 +7,15 @@ import socket
 import struct
 
 from pmk.capture.ctbulk import CTA_ZONE, failures_of, updates_of
-from pmk.capture.ctevents import CTA_MARK, CTA_MARK_MASK, CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, NLMSG_DONE, NLMSG_ERROR
+from pmk.capture.ctevents import (
+    CTA_MARK,
+    CTA_MARK_MASK,
+    CTA_TUPLE_ORIG,
+    CTA_TUPLE_REPLY,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    _tuple,
+)
 from tests.test_ctevents import HERE, HERE6, PEER, PEER6, attr, control, ct_tuple
 
 NEW = 0x0100  # (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
@@ -82,3 +90,16 @@ def test_failure_reports_count_ended_entries_and_name_the_first_real_failure() -
     )
     assert failures_of(reports, len(reports)) == (2, errno.EBUSY)
     assert failures_of(b"", 0) == (0, 0)
+
+
+def test_keep_leaves_out_entries_it_refuses_in_either_layout() -> None:
+    """What a kernel ignoring a tuple filter sends (every entry) changes only the ones asked for."""
+
+    def only_icmp(data: bytes | bytearray, pos: int, end: int) -> bool:
+        return _tuple(data, pos, end)[0] == 1
+
+    data = dumped(UDP4) + dumped(ICMP4) + dumped(TCP6, kernel_order=False) + dumped(ICMP4, kernel_order=False)
+    pieces: list[bytes | bytearray] = []
+    status = updates_of(bytearray(data), len(data), 1, TAIL, pieces, keep=only_icmp)
+    assert status == (False, 0, 2)
+    assert b"".join(pieces) == request(ICMP4) * 2

@@ -44,7 +44,7 @@ import operator
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from pmk.capture.ctevents import (
     _NFGEN,
@@ -73,6 +73,7 @@ from pmk.capture.ctevents import (
     NLMSG_ERROR,
     SO_RCVBUFFORCE,
     SOL_NETLINK,
+    _tuple,
 )
 
 CTA_ZONE = 18
@@ -91,6 +92,10 @@ _ERRNO = struct.Struct("=i")
 _BE32 = struct.Struct(">I")
 _U32 = struct.Struct("=I")
 _HEAD = _NLMSG.size + _NFGEN.size
+
+
+#: Whether to change an entry, given ``data`` and where its original tuple's attributes start and end.
+Keep = Callable[[bytes | bytearray, int, int], bool]
 
 
 def _attr(kind: int, value: int) -> bytes:
@@ -132,11 +137,17 @@ def _identity(data: bytes | bytearray, pos: int, end: int) -> bytes:
 
 
 def updates_of(
-    data: bytes | bytearray, size: int, seq: int, tail: bytes, into: list[bytes | bytearray]
+    data: bytes | bytearray,
+    size: int,
+    seq: int,
+    tail: bytes,
+    into: list[bytes | bytearray],
+    keep: Keep | None = None,
 ) -> tuple[bool, int, int]:
     """Append the pieces of an update request per entry of one dump datagram.
 
-    Returns (dump complete, errno or 0, requests added).
+    Returns (dump complete, errno or 0, requests added). With ``keep``, only
+    entries it passes (given their original tuple) get one.
 
     A request is the entry's own family header, original tuple and zone
     (when not the default), then ``tail``; ``b"".join(into)`` is the
@@ -165,19 +176,20 @@ def updates_of(
             reply_length, reply_kind = attr(data, reply) if reply + 4 <= end else (0, 0)
             third = reply + ((reply_length + 3) & ~3)
             if orig_kind & _NLA_TYPE_MASK == CTA_TUPLE_ORIG and reply_kind & _NLA_TYPE_MASK == CTA_TUPLE_REPLY:
-                zone = third + 8 <= end and attr(data, third)[1] & _NLA_TYPE_MASK == CTA_ZONE
-                total = reply - pos + len(tail) + (8 if zone else 0)
-                header = headers.get(total)
-                if header is None:
-                    header = headers[total] = _NLMSG.pack(total, _NEW_TYPE, NLM_F_REQUEST, 0, 0)
-                if zone:
-                    add((header, data[pos + _NLMSG.size : reply], data[third : third + 8], tail))
-                else:
-                    add((header, data[pos + _NLMSG.size : reply], tail))
-                count += 1
+                if keep is None or keep(data, first + 4, first + orig_length):
+                    zone = third + 8 <= end and attr(data, third)[1] & _NLA_TYPE_MASK == CTA_ZONE
+                    total = reply - pos + len(tail) + (8 if zone else 0)
+                    header = headers.get(total)
+                    if header is None:
+                        header = headers[total] = _NLMSG.pack(total, _NEW_TYPE, NLM_F_REQUEST, 0, 0)
+                    if zone:
+                        add((header, data[pos + _NLMSG.size : reply], data[third : third + 8], tail))
+                    else:
+                        add((header, data[pos + _NLMSG.size : reply], tail))
+                    count += 1
             else:
                 identity = _identity(data, first, end)
-                if identity:
+                if identity and (keep is None or keep(identity, 4, _NLA.unpack_from(identity)[0])):
                     body = bytes(data[pos + _NLMSG.size : first]) + identity + tail
                     add((_NLMSG.pack(_NLMSG.size + len(body), _NEW_TYPE, NLM_F_REQUEST, 0, 0), body))
                     count += 1
@@ -243,11 +255,20 @@ class BulkMarks:
 
         For keys without ports (ICMP): their entries differ in fields the key
         lacks (the ICMP id), so the kernel finds them with a tuple filter, one
-        dump per direction (which address began the flow).
+        dump per direction (which address began the flow). Each entry found
+        is checked again: a kernel older than the filter (5.9) ignores it
+        and dumps every entry.
         """
         family = socket.AF_INET if len(one) == 4 else socket.AF_INET6
-        directions = ((one, other), (other, one)) if one != other else ((one, other),)
-        return sum(self._rewrite(family, _tuple_filter(protocol, src, dst), value) for src, dst in directions)
+        changed = 0
+        for src, dst in ((one, other), (other, one)) if one != other else ((one, other),):
+
+            def between(data: bytes | bytearray, pos: int, end: int, src: bytes = src, dst: bytes = dst) -> bool:
+                found_protocol, found_src, _, found_dst, _ = _tuple(data, pos, end)
+                return (found_protocol, found_src, found_dst) == (protocol, src, dst)
+
+            changed += self._rewrite(family, _tuple_filter(protocol, src, dst), value, between)
+        return changed
 
     def close(self) -> None:
         for sock in (self._dump, self._update):
@@ -271,15 +292,20 @@ class BulkMarks:
             update.bind((0, 0))
         return self._dump, self._update
 
-    def _rewrite(self, family: int, filters: bytes, value: int) -> int:
-        """Dump the entries ``filters`` select and set pmk's bits of each to ``value``; how many changed."""
+    def _rewrite(self, family: int, filters: bytes, value: int, keep: Keep | None = None) -> int:
+        """Dump the entries ``filters`` select and set pmk's bits of each (``keep`` passes) to ``value``.
+
+        Returns how many changed.
+        """
         try:
-            return self._rewrite_on(*self._sockets(), family, filters, value)
+            return self._rewrite_on(*self._sockets(), family, filters, value, keep)
         except BaseException:
             self.close()
             raise
 
-    def _rewrite_on(self, dump: socket.socket, update: socket.socket, family: int, filters: bytes, value: int) -> int:
+    def _rewrite_on(
+        self, dump: socket.socket, update: socket.socket, family: int, filters: bytes, value: int, keep: Keep | None
+    ) -> int:
         self._seq = seq = self._seq % 0xFFFFFFFF + 1
         body = _NFGEN.pack(family, 0, 0) + filters
         dump.send(_NLMSG.pack(_HEAD - _NFGEN.size + len(body), _GET_TYPE, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
@@ -289,7 +315,7 @@ class BulkMarks:
         while not done:
             size = dump.recv_into(buffer)
             requests: list[bytes | bytearray] = []
-            done, failure, count = updates_of(buffer, size, seq, tail, requests)
+            done, failure, count = updates_of(buffer, size, seq, tail, requests, keep)
             if failure:
                 raise OSError(failure, f"conntrack dump: {os.strerror(failure)}")
             if count:

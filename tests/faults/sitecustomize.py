@@ -33,9 +33,9 @@ if _SWITCH:
 
     _real_rewrite = BulkMarks._rewrite
 
-    def _rewrite(self: BulkMarks, family: int, filters: bytes, value: int) -> int:
+    def _rewrite(self: BulkMarks, *args: Any) -> int:
         if os.path.exists(str(_SWITCH)):
             raise OSError(errno.EPERM, os.strerror(errno.EPERM))
-        return _real_rewrite(self, family, filters, value)
+        return _real_rewrite(self, *args)
 
     BulkMarks._rewrite = _rewrite  # type: ignore[method-assign]
