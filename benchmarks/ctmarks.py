@@ -1,6 +1,7 @@
 """What clearing pmk's conntrack marks costs with many marked entries, per-entry (old) beside bulk (new).
 
     sudo .venv/bin/python benchmarks/ctmarks.py [--entries 100000 1000000] [--old-max 100000] [--repeat 3]
+    sudo .venv/bin/python benchmarks/ctmarks.py --start --entries 170000 [--old-tree CHECKOUT]
 
 Runs in a throwaway network namespace. For each size N it creates N UDP
 conntrack entries (batched ctnetlink creates, an hour's timeout; one in ten
@@ -15,7 +16,13 @@ ConntrackMarks' worker thread, as in pmk): its maximum stands for how long
 ``get_stats`` could wait. After each clear it checks that no entry keeps
 pmk's bits, others' bits stayed, and the entry count is unchanged. Also
 timed with N entries: ``set_mark`` (update_verdict) of one UDP connection
-(median of 20) and of one ICMP key (once; a key without ports needs dumps).
+(median of 20) and of one ICMP key (once; a key without ports needs dumps),
+and ``ctevents.dump_marked`` (what traffic measurements read) once.
+
+With ``--start``: the time from starting ``pmk serve --capture nfqueue``
+(this tree, and ``--old-tree`` beside it) to serving, and from SIGINT to its
+exit, with N entries unmarked and with N entries still marked by a pmk that
+died (start clears them; so does stop, of the entries marked since).
 
 ``nf_conntrack_max`` is the machine's; it is raised for the run when N does
 not fit (and written back after). The machine may be shared: compare the
@@ -29,6 +36,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import signal
 import socket
 import statistics
 import struct
@@ -48,7 +56,9 @@ from pmk.capture.ctevents import (
     NETLINK_NETFILTER,
     NFNL_SUBSYS_CTNETLINK,
     SO_RCVBUFFORCE,
+    LocalAddresses,
     dump_entries,
+    dump_marked,
 )
 from pmk.testing.netns import run
 from pmk.verdicts import ConnKey
@@ -241,6 +251,9 @@ def measure(n: int, unmarked: int, repeat: int, old_max: int) -> dict[str, Any]:
         if rows:
             out[kind] = {key: statistics.median(row[key] for row in rows) for key in rows[0]} | {"runs": len(rows)}
     fill(n, unmarked)
+    started = time.perf_counter()
+    assert len(dump_marked(VALUES, MASK, LocalAddresses())) == n
+    out["dump_marked_seconds"] = round(time.perf_counter() - started, 3)
     marks = ConntrackMarks(MASK, VALUES)
     try:
         out["set_mark_ms_median"] = round(set_mark_seconds(marks, n) * 1e3, 3)
@@ -250,11 +263,53 @@ def measure(n: int, unmarked: int, repeat: int, old_max: int) -> dict[str, Any]:
     return out
 
 
+def pmk_start_stop(tree: Path) -> dict[str, float]:
+    """Seconds from starting ``pmk serve --capture nfqueue`` (code of ``tree``) to serving, and from SIGINT to exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [sys.executable, "-m", "pmk", "serve", "--pipe", f"{tmp}/pmk.sock", "--capture", "nfqueue"]
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [*argv, "--scope", "udp:9"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tree, env=env
+        )
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                if line.startswith("pmk ") and "serving on" in line:
+                    break
+            else:
+                raise RuntimeError(f"pmk did not start (exit {proc.wait()})")
+            start = time.perf_counter() - started
+            started = time.perf_counter()
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return {"start_seconds": round(start, 3), "stop_seconds": round(time.perf_counter() - started, 3)}
+
+
+def measure_start(n: int, trees: dict[str, Path]) -> dict[str, Any]:
+    """pmk's start and stop with n entries left unmarked, and with n left marked by a pmk that died."""
+    out: dict[str, Any] = {}
+    for left, mark in (("unmarked", lambda i: 0), ("marked", pmk_mark)):
+        for name, tree in trees.items():
+            run("conntrack", "-F", check=False)
+            create_entries(0, n, mark)
+            out[f"{left} {name}"] = pmk_start_stop(tree)
+    return out
+
+
 def inside(args: argparse.Namespace) -> None:
-    report = {
-        str(n): measure(n, args.unmarked, args.repeat, args.old_max)
-        for n in args.entries  # smallest first
-    }
+    if args.start:
+        trees = {"new": REPO} | ({"old": Path(args.old_tree)} if args.old_tree else {})
+        report = {str(n): measure_start(n, trees) for n in args.entries}
+    else:
+        report = {
+            str(n): measure(n, args.unmarked, args.repeat, args.old_max)
+            for n in args.entries  # smallest first
+        }
     print(json.dumps(report, indent=2))
 
 
@@ -264,6 +319,8 @@ def main() -> None:
     parser.add_argument("--unmarked", type=int, default=10_000, help="entries without any mark besides")
     parser.add_argument("--repeat", type=int, default=3, help="runs of the new clear per size (median)")
     parser.add_argument("--old-max", type=int, default=100_000, help="largest size the old clear is timed at (once)")
+    parser.add_argument("--start", action="store_true", help="time pmk's start and stop instead (nfqueue)")
+    parser.add_argument("--old-tree", help="with --start: a checkout to time beside this tree (e.g. of --old-ref)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
