@@ -210,6 +210,14 @@ def test_a_dump_adds_up_flows_of_one_key_and_counts_a_repeated_entry_once(monkey
     }
 
 
+def test_a_dump_counts_two_entries_sharing_an_id_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's ids are 32-bit hashes: among 100k live entries a pair or two share one."""
+    one, other = entry((6, PEER, 5000, HERE, 22)), entry((6, PEER, 5001, HERE, 22))
+    monkeypatch.setattr("pmk.capture.ctevents.dump_entries", lambda mark, mask: [one, other])
+    assert one.ct_id == other.ct_id
+    assert len(dump_marked([ACCEPT_MARK], MASK, LocalAddresses([HERE]))) == 2
+
+
 def test_traffic_since_the_last_dump_leaves_out_quiet_connections() -> None:
     quiet, busy, new, reused = (ConnKey(6, HERE, port, PEER, 443) for port in (1, 2, 3, 4))
     previous = {quiet: Counters(1, 1, 60, 60), busy: Counters(2, 3, 200, 300), reused: Counters(9, 9, 900, 900)}

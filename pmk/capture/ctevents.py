@@ -135,7 +135,8 @@ class CtEntry(NamedTuple):
 
     Addresses are packed (4 or 16 bytes); ports are 0 for protocols without.
     ``orig`` is the direction of the connection's first packet; ``ct_id`` is
-    the kernel's id of the entry (unique among live entries).
+    the kernel's id of the entry, a 32-bit hash: two live entries share one
+    now and then (two pairs among 100k entries, measured).
     """
 
     ct_id: int
@@ -655,18 +656,19 @@ def dump_marked(marks: Iterable[int], mark_mask: int, local: LocalAddresses) -> 
     One kernel-filtered dump per mark value (a dump filter is one
     value/mask). Entries with the same key (ICMP flows of different ids
     between the same addresses) are added up; an entry a dump repeats (it
-    moved while the table was read) counts once. Blocking: run it in a
+    moved while the table was read: same id and original tuple) counts once. Blocking: run it in a
     worker thread; the caller computes deltas (the kernel's counters are
     never zeroed, so ``connection_end`` keeps the whole totals).
     """
     local.update()
     result: dict[ConnKey, Counters] = {}
-    seen: set[int] = set()
+    seen: set[tuple[int, int, bytes, int, bytes, int]] = set()
     for mark in marks:
         for entry in dump_entries(mark, mark_mask):
-            if entry.ct_id in seen:
+            identity = (entry.ct_id, entry.protocol, entry.orig_src, entry.orig_sport, entry.orig_dst, entry.orig_dport)
+            if identity in seen:
                 continue
-            seen.add(entry.ct_id)
+            seen.add(identity)
             placed = place(entry, local)
             known = result.get(placed.key)
             if known is None:
