@@ -28,6 +28,7 @@ from pmk.capture.ctevents import (
     LocalAddresses,
     _attach_filter,
     _parse_addresses,
+    _tuple,
     dump_marked,
     mark_filter,
     parse_datagram,
@@ -210,6 +211,14 @@ def test_a_dump_adds_up_flows_of_one_key_and_counts_a_repeated_entry_once(monkey
     }
 
 
+def test_a_dump_counts_two_entries_sharing_an_id_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's ids are 32-bit hashes: among 100k live entries a pair or two share one."""
+    one, other = entry((6, PEER, 5000, HERE, 22)), entry((6, PEER, 5001, HERE, 22))
+    monkeypatch.setattr("pmk.capture.ctevents.dump_entries", lambda mark, mask: [one, other])
+    assert one.ct_id == other.ct_id
+    assert len(dump_marked([ACCEPT_MARK], MASK, LocalAddresses([HERE]))) == 2
+
+
 def test_traffic_since_the_last_dump_leaves_out_quiet_connections() -> None:
     quiet, busy, new, reused = (ConnKey(6, HERE, port, PEER, 443) for port in (1, 2, 3, 4))
     previous = {quiet: Counters(1, 1, 60, 60), busy: Counters(2, 3, 200, 300), reused: Counters(9, 9, 900, 900)}
@@ -303,3 +312,12 @@ def test_lost_events_are_counted_and_logged_at_most_once_a_second(caplog: object
     warnings = [r for r in caplog.records if "conntrack events lost" in r.getMessage()]  # type: ignore[attr-defined]
     assert len(warnings) == 2 and events.lost == 3
     events._sock = None
+
+
+@pytest.mark.parametrize("orig", [(6, HERE, 40000, PEER, 443), (17, HERE6, 5353, PEER6, 53), (1, HERE, 0, PEER, 0)])
+def test_a_tuple_in_the_kernels_layout_reads_as_one_in_another_order(orig: tuple[int, bytes, int, bytes, int]) -> None:
+    """The kernel's TCP/UDP layout is read in one unpack; the same attributes in another order are walked."""
+    kernel = ct_tuple(*orig)
+    ip_length = struct.unpack_from("=H", kernel)[0]
+    swapped = kernel[ip_length:] + kernel[:ip_length]  # CTA_TUPLE_PROTO (and the zone) before CTA_TUPLE_IP
+    assert _tuple(kernel, 0, len(kernel)) == _tuple(swapped, 0, len(swapped)) == orig

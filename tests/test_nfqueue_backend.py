@@ -175,10 +175,16 @@ def harness_main(argv: list[str]) -> None:
             from pyroute2.conntrack import AsyncConntrack
             from pyroute2.netlink.exceptions import NetlinkError
 
+            from pmk.capture.ctbulk import BulkMarks
+
             async def refuse(*args: object, **kwargs: object) -> None:
                 raise NetlinkError(errno.EPERM)
 
+            def refuse_bulk(*args: object) -> int:
+                raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
             AsyncConntrack.entry = refuse
+            BulkMarks._rewrite = refuse_bulk
             reply({"ok": True})
         elif cmd["cmd"] == "release":
             # The held packets of each port get that port's verdict, one apply per

@@ -2,7 +2,8 @@
 
 Python imports ``sitecustomize`` at start from PYTHONPATH. With
 ``PMK_TEST_REFUSE_CONNTRACK`` naming a file, every conntrack mark change
-(pyroute2's ``entry("set")``) fails with EPERM for as long as that file exists.
+(pyroute2's ``entry("set")``, and the bulk changes of ``pmk.capture.ctbulk``
+before they send anything) fails with EPERM for as long as that file exists.
 Without the variable this does nothing.
 """
 
@@ -19,6 +20,8 @@ if _SWITCH:
     from pyroute2.conntrack import AsyncConntrack
     from pyroute2.netlink.exceptions import NetlinkError
 
+    from pmk.capture.ctbulk import BulkMarks
+
     _real_entry = AsyncConntrack.entry
 
     async def _entry(self: AsyncConntrack, cmd: str, **kwargs: Any) -> Any:
@@ -27,3 +30,12 @@ if _SWITCH:
         return await _real_entry(self, cmd, **kwargs)
 
     AsyncConntrack.entry = _entry
+
+    _real_rewrite = BulkMarks._rewrite
+
+    def _rewrite(self: BulkMarks, *args: Any) -> int:
+        if os.path.exists(str(_SWITCH)):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        return _real_rewrite(self, *args)
+
+    BulkMarks._rewrite = _rewrite  # type: ignore[method-assign]
