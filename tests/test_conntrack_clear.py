@@ -16,13 +16,11 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.netns import TwoHosts, need_root_reason, two_hosts
+from tests.netns import TwoHosts, need_root_reason, run_script, two_hosts
 
-REPO = Path(__file__).resolve().parent.parent
 MASK = 0x00700000
 VALUES = (0x00100000, 0x00200000, 0x00300000)  # ACCEPT, BLOCK, DROP
 OTHERS_BIT = 0x1  # someone else's, outside pmk's mask
@@ -103,10 +101,7 @@ def hosts() -> Iterator[TwoHosts]:
 
 
 def test_clear_takes_pmks_bits_only_and_deletes_nothing(hosts: TwoHosts) -> None:
-    argv = ["env", f"PYTHONPATH={REPO}", sys.executable, "-W", "error", __file__, "run"]
-    proc = hosts.sh(hosts.server, *argv, check=False, timeout=120)
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    out = json.loads(proc.stdout)
+    out = run_script(hosts, hosts.server, __file__, timeout=120)
     expected = out["expected"]
     # Every pmk-marked entry (UDP over both versions, zone 7, ICMP), the one with others' bit besides.
     assert out["cleared"] == PMK_ENTRIES + 2

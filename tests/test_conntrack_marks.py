@@ -13,13 +13,11 @@ import os
 import socket
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.netns import TwoHosts, need_root_reason, two_hosts
+from tests.netns import TwoHosts, need_root_reason, run_script, two_hosts
 
-REPO = Path(__file__).resolve().parent.parent
 MASK = 0x00700000
 ACCEPT, BLOCK = 0x00100000, 0x00200000
 OTHERS_BITS = 0x1  # someone else's mark bit, outside pmk's mask
@@ -76,10 +74,7 @@ def hosts() -> Iterator[TwoHosts]:
 
 
 def test_marks_without_ports_gone_entries_and_others_bits(hosts: TwoHosts) -> None:
-    argv = ["env", f"PYTHONPATH={REPO}", sys.executable, "-W", "error", __file__, "run"]
-    proc = hosts.sh(hosts.server, *argv, check=False, timeout=60)
-    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    out = json.loads(proc.stdout)
+    out = run_script(hosts, hosts.server, __file__, timeout=60)
     # An ICMP key covers every ICMP flow between its two addresses, and only those.
     assert out["icmp_changed"] == 2
     assert out["gone_changed"] == 0
