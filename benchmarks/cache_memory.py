@@ -41,20 +41,13 @@ from pmk.core.attribution import Owner
 from pmk.core.policy import default_only
 from pmk.core.service import Service
 from pmk.packet.captured import CapturedPacket
+from pmk.testing.fakes import FakeBackend
 from pmk.verdicts import ConnKey, Verdict
 
 BATCH = 1000
 PROCESSES = 16
 DATA = 1400
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-class _Backend:
-    name = "fake"
-    kernel_verdict_cache = False
-
-    def stats(self) -> dict[str, int]:
-        return {}
 
 
 def _owner_of(key: ConnKey, outbound: bool) -> Owner:
@@ -105,7 +98,7 @@ def _first(conn: tuple[int, int, bytes, int, bytes, int, bool], size: int, reply
 
 def new_service(capacity: int) -> tuple[Service, list[float]]:
     svc = Service(
-        backend=_Backend(),
+        backend=FakeBackend(),
         policy=default_only(Verdict.DROP),
         packet_cache=4 * BATCH,
         verdict_cache=capacity,

@@ -32,18 +32,11 @@ from pmk.core.service import Service
 from pmk.packet.captured import CapturedPacket
 from pmk.rpc.connection import RpcConnection
 from pmk.rpc.messages import Response
+from pmk.testing.fakes import FakeBackend
 from pmk.verdicts import ConnKey, Verdict
 
 OWNER = Owner(4242, "/usr/bin/bench", 1000)
 ANSWER = {"verdict": "accept", "permanent": True}
-
-
-class _Backend:
-    name = "bench"
-    kernel_verdict_cache = False
-
-    def stats(self) -> dict[str, int]:
-        return {"bypassed": 0}
 
 
 def _owner(key: ConnKey, outbound: bool) -> Owner:
@@ -65,7 +58,7 @@ def _packets(count: int) -> list[bytes]:
 def one_run(raws: list[bytes], batch: int) -> float:
     """CPU seconds of pmk work for every connection in ``raws`` (this thread's: a busy machine does not inflate it)."""
     service = Service(
-        backend=_Backend(),
+        backend=FakeBackend(),
         policy=default_only(Verdict.BLOCK),
         packet_cache=1024,
         verdict_cache=len(raws) + 1,

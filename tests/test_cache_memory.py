@@ -15,6 +15,7 @@ from pmk.core.attribution import Owner
 from pmk.core.policy import default_only
 from pmk.core.service import Service
 from pmk.packet.captured import CapturedPacket
+from pmk.testing.fakes import FakeBackend
 from pmk.verdicts import ConnKey, Verdict
 from tests.packets import udp
 
@@ -22,14 +23,6 @@ CONNECTIONS = 10_000
 BATCH = 500
 #: bytes per connection: key (46) + entry (96) + the dict's share (~30 at this size), with room to spare
 LIMIT = 200
-
-
-class _Backend:
-    name = "fake"
-    kernel_verdict_cache = False
-
-    def stats(self) -> dict[str, int]:
-        return {}
 
 
 def _owner_of(key: ConnKey, outbound: bool) -> Owner:
@@ -40,7 +33,7 @@ def _owner_of(key: ConnKey, outbound: bool) -> Owner:
 
 def test_a_cached_connection_costs_at_most_200_bytes() -> None:
     svc = Service(
-        backend=_Backend(),
+        backend=FakeBackend(),
         policy=default_only(Verdict.DROP),
         packet_cache=2 * BATCH,
         verdict_cache=2 * CONNECTIONS,

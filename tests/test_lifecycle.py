@@ -21,9 +21,10 @@ from pmk.core.verdict_cache import VerdictCache
 from pmk.packet.captured import CapturedPacket
 from pmk.rpc.messages import ErrorCode
 from pmk.rpc.names import BANDWIDTH, CONNECTION_END
+from pmk.testing.fakes import FakeBackend
 from pmk.verdicts import ConnKey, Target, Verdict
 from tests.packets import ACK, FIN, RST, SYN, tcp, udp
-from tests.test_service import A, B, FakeBackend, hello, of
+from tests.test_service import A, B, hello, of
 
 IDLE = 30.0
 LOCAL = bytes([198, 18, 0, 2])

@@ -25,6 +25,7 @@ from pmk.packet.captured import CapturedPacket
 from pmk.rpc.codec import MAX_DEPTH, MAX_FRAME_BYTES, Decoder, encode
 from pmk.rpc.connection import RpcConnection
 from pmk.rpc.messages import ErrorCode, Event, Message, Notification, ProtocolViolation, Request, Response
+from pmk.testing.fakes import FakeBackend
 from tests.packets import udp
 
 VECTORS = json.loads((Path(__file__).parent.parent / "protocol" / "vectors.json").read_text())
@@ -153,20 +154,10 @@ def test_incomplete_vector(vector: dict[str, Any]) -> None:
         assert decoder.buffered() == len(data)
 
 
-class _NoCapture:
-    """What the service knows of a backend that never delivers a packet: the calls need none."""
-
-    name = "none"
-    kernel_verdict_cache = False
-
-    def stats(self) -> dict[str, int]:
-        return {"bypassed": 0}
-
-
 def _service() -> Service:
     config = ServeConfig(endpoint="/nonexistent/pmk.sock")
     return Service(
-        backend=_NoCapture(),
+        backend=FakeBackend(),
         policy=config.policy,
         packet_cache=config.packet_cache,
         verdict_cache=config.verdict_cache,

@@ -14,21 +14,12 @@ from pmk.core.policy import Policy, default_only, parse_policy
 from pmk.core.service import Service
 from pmk.packet.captured import CapturedPacket
 from pmk.rpc.names import CONNECTION_NEW, PROTOCOL_ERROR, WITHDRAWN
+from pmk.testing.fakes import FakeBackend
 from pmk.verdicts import ConnKey, Verdict
 from tests.packets import ip_packet, udp
 
 A, B = "198.18.0.1", "198.18.0.2"
 TIMEOUT = 2.0
-
-
-class FakeBackend:
-    name = "fake"
-
-    def __init__(self, kernel_verdict_cache: bool = False) -> None:
-        self.kernel_verdict_cache = kernel_verdict_cache
-
-    def stats(self) -> dict[str, int]:
-        return {"bypassed": 0}
 
 
 def service(

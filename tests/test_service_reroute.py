@@ -15,20 +15,13 @@ from pmk.core.service import Service
 from pmk.packet.captured import CapturedPacket
 from pmk.packet.parse import parse_flow
 from pmk.rpc.names import PROTOCOL_ERROR
+from pmk.testing.fakes import FakeBackend
 from pmk.verdicts import RerouteTargets, Target, Verdict
 from tests.packets import ACK, SYN, tcp, udp
 
 LOCAL, PEER = "198.18.0.1", "198.18.0.2"
 NAMESERVER = Target.parse("127.0.0.1:5353")
 PROXY = "127.0.0.1:8080"
-
-
-class FakeBackend:
-    name = "fake"
-    kernel_verdict_cache = False
-
-    def stats(self) -> dict[str, int]:
-        return {"bypassed": 0}
 
 
 def starts_connection(packet: CapturedPacket) -> bool:
