@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pmk.core.attribution import Owner
-from pmk.core.verdict_cache import VerdictCache
+from pmk.core.verdict_cache import EVICT_FRACTION, VerdictCache
 from pmk.verdicts import ConnKey, Verdict
 
 
@@ -20,6 +20,17 @@ def test_verdict_cache_evicts_the_least_recently_used() -> None:
     cache.put(key(3), Verdict.DROP)
     assert key(2) not in cache and key(1) in cache and key(3) in cache
     assert cache.evictions == 1
+
+
+def test_a_large_full_cache_evicts_its_least_recently_used_in_batches() -> None:
+    cache = VerdictCache(2 * EVICT_FRACTION)  # batches of 2
+    for port in range(2 * EVICT_FRACTION):
+        cache.put(key(port), Verdict.ACCEPT)
+    cache.put(key(60000), Verdict.ACCEPT)
+    assert key(0) not in cache and key(1) not in cache and key(2) in cache and key(60000) in cache
+    assert cache.evictions == 2 and len(cache) == 2 * EVICT_FRACTION - 1
+    cache.put(key(60001), Verdict.ACCEPT)  # room was made: no eviction
+    assert cache.evictions == 2 and len(cache) == cache.capacity
 
 
 def test_a_lookup_at_the_time_an_entry_was_last_seen_leaves_it_in_place() -> None:

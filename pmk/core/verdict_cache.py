@@ -21,6 +21,7 @@ connection in eight slots while the rarely changing rest is shared
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any, NamedTuple
 
 from pmk.packet.captured import PackedKey
@@ -148,6 +149,10 @@ class CachedVerdict:
         self.facts = _share(_new_facts(Facts, (f[0], f[1], f[2], f[3], f[4], value)))
 
 
+#: A full cache evicts this fraction of its capacity at a time (at least one entry).
+EVICT_FRACTION = 1024
+
+
 class VerdictCache:
     """A bounded LRU map from connection key to its cached verdict.
 
@@ -159,6 +164,7 @@ class VerdictCache:
         if capacity < 1:
             raise ValueError("verdict cache capacity must be at least 1")
         self.capacity = capacity
+        self._evict_batch = max(1, capacity // EVICT_FRACTION)
         self._entries: dict[PackedKey, CachedVerdict] = {}
         self.evictions = 0
         #: the time lookups stamp entries with (set by the service before each event)
@@ -218,10 +224,24 @@ class VerdictCache:
             entries[key] = entry
             return entry
         if len(entries) >= self.capacity:
-            del entries[next(iter(entries))]
-            self.evictions += 1
+            self._evict()
         entry = entries[key] = CachedVerdict(verdict, target, self.now)
         return entry
+
+    def _evict(self) -> None:
+        """Drop the least recently used entries, ``capacity // EVICT_FRACTION`` of them at once.
+
+        A plain dict finds its first live entry by walking past every slot its
+        deletions emptied since its last resize: evicting one entry per new
+        one cost ~25 us at 65,536 entries (0.5 us with an OrderedDict). One
+        walk per batch makes that rare; a full cache then holds up to a batch
+        fewer entries than its capacity.
+        """
+        entries = self._entries
+        victims = list(islice(entries, self._evict_batch))
+        for victim in victims:
+            del entries[victim]
+        self.evictions += len(victims)
 
     def pop(self, key: ConnKey | PackedKey) -> CachedVerdict | None:
         """Remove and return the entry of an ended connection."""
