@@ -145,6 +145,17 @@ def _conntrack(o: dict[str, Any]) -> str:
     return f" (conntrack table full: {o['conntrack_dropped']:,} dropped, {o['conntrack_early_drop']:,} early drops)"
 
 
+def _runs(o: dict[str, Any]) -> str:
+    """Every run's decided rate and bypass, when the shown one is the median of several."""
+    rates = o.get("decided_runs", [])
+    if len(rates) < 2:
+        return ""
+    return (
+        f", median of {len(rates)} runs: {' / '.join(f'{r:,.0f}' for r in rates)}/s, "
+        f"bypassed {' / '.join(f'{b:,}' for b in o['bypassed_runs'])}"
+    )
+
+
 def _overload(bench: Bench) -> list[str]:
     lines = []
     for key in sorted(k for k in bench.extra if k.startswith("O_")):
@@ -160,7 +171,8 @@ def _overload(bench: Bench) -> list[str]:
             f"overload {backend} {o['factor']}x: offered {o['offered_pps']:,.0f}/s "
             f"({o['offered_pps'] / o['peak']:.1f}x the peak {o['peak']:,.0f}/s) for "
             f"{bench.settings.overload_seconds:g}s: decided {o['decided_pps']:,.0f}/s = {100 * share:.0f}% "
-            f"of the peak (target >= {100 * TARGET_OVERLOAD_SHARE:.0f}%); RSS {o['rss_before'] / 2**20:.1f} -> "
+            f"of the peak (target >= {100 * TARGET_OVERLOAD_SHARE:.0f}%){_runs(o)}; "
+            f"RSS {o['rss_before'] / 2**20:.1f} -> "
             f"{o['rss_after'] / 2**20:.1f} MB (peak {o['peak_rss'] / 2**20:.1f}); {loss} of "
             f"{o['sent']:,} offered; offered = captured {o['captured']:,} + dropped before pmk "
             f"{o['queue_dropped']:,} + bypassed {o['bypassed']:,} {_rest(o)}{_conntrack(o)}; "
