@@ -31,6 +31,7 @@ class RecordingBackend(CaptureBackend):
     def __init__(self) -> None:
         self.sink: PacketSink | None = None
         self.applied: list[tuple[bytes, Verdict, bool]] = []
+        self.rooms: list[int] = []
         self.closed = False
 
     def start(self, loop: asyncio.AbstractEventLoop, sink: PacketSink) -> None:
@@ -44,6 +45,9 @@ class RecordingBackend(CaptureBackend):
         self, packets: Sequence[CapturedPacket], verdict: Verdict, permanent: bool, target: object = None
     ) -> None:
         self.applied.extend((p.raw, verdict, permanent) for p in packets)
+
+    def set_room(self, room: int) -> None:
+        self.rooms.append(room)
 
     def close(self) -> None:
         self.closed = True
@@ -224,6 +228,35 @@ async def test_asks_beyond_the_in_flight_limit_wait_their_turn() -> None:
         await until(lambda: len(backend.applied) == 3)
         assert [v for _, v, _ in backend.applied] == [Verdict.ACCEPT, Verdict.DROP, Verdict.BLOCK]
         assert identity_holds(server.stats()) and server.stats()["defaulted"] == 0
+        decider.close()
+    finally:
+        await server.stop()
+        os.rmdir(directory)
+
+
+async def test_the_backend_is_told_how_many_more_packets_pmk_can_hold() -> None:
+    directory = tempfile.mkdtemp(prefix="pmk-test-")
+    path = os.path.join(directory, "pmk.sock")
+    backend = RecordingBackend()
+    server = Server(ServeConfig(endpoint=path, packet_cache=8, verdict_timeout=5.0), backend)
+    await server.start()
+    try:
+        answers: dict[int, asyncio.Future[Decision]] = {}
+
+        def decide(info: dict) -> asyncio.Future[Decision]:  # type: ignore[type-arg]
+            answers[info["remote_port"]] = asyncio.get_running_loop().create_future()
+            return answers[info["remote_port"]]
+
+        decider = await Client.connect(path, decide)
+        await decider.hello("slow", "decider")
+        backend.push(packet(1), packet(2), packet(3))
+        await until(lambda: len(answers) == 3)
+        assert backend.rooms[-1] == 5  # three of eight held
+        answers[1].set_result(Decision("accept"))
+        await until(lambda: backend.rooms[-1] == 6)
+        for port in (2, 3):
+            answers[port].set_result(Decision("accept"))
+        await until(lambda: backend.rooms[-1] == 8)
         decider.close()
     finally:
         await server.stop()

@@ -71,6 +71,15 @@ class CaptureBackend(abc.ABC):
         the packets' connections.
         """
 
+    def set_room(self, room: int) -> None:  # noqa: B027
+        """How many more packets pmk can hold now; the server says so after each pass.
+
+        A backend whose undecided packets can wait in the kernel (nfqueue)
+        reads no more than this, so that a burst waits in the kernel's queue
+        instead of evicting packets pmk holds. Divert ignores it: its reader
+        also carries cache hits, which must not wait behind undecided packets.
+        """
+
     def flush_verdicts(self) -> None:  # noqa: B027
         """Send verdicts ``apply`` collected; the server calls it once per pass of its commands.
 

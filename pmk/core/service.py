@@ -191,6 +191,11 @@ class Service:
         for rule in policy.rule_names:
             self.policy_hits.setdefault(rule, 0)
 
+    def packet_room(self) -> int:
+        """Packets the packet cache can take before it must evict one."""
+        held = self.engine.held
+        return held.capacity - len(held)
+
     def stats(self, now: float) -> dict[str, Any]:
         """The ``get_stats`` result (SPEC section 4)."""
         stats: dict[str, Any] = self.engine.stats()

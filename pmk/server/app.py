@@ -284,6 +284,7 @@ class Server:
                     if (session := sessions.get(client)) is not None:
                         session.forget(msgid)
         self.backend.flush_verdicts()
+        self.backend.set_room(self.service.packet_room())
         for session in written:
             session.schedule_flush()
 
