@@ -19,6 +19,7 @@ from tests.harness import (
     Decision,
     RemoteError,
     Testbed,
+    check_identity,
     eventually,
     needs_root,
     netns,
@@ -39,9 +40,17 @@ async def _unknown(bed: Testbed, packet_id: int) -> bool:
     return False
 
 
-async def test_full_packet_cache_evicts_the_oldest_first(backend: str) -> None:
+async def test_full_packet_cache(backend: str) -> None:
+    """Divert evicts the oldest held packet; nfqueue reads no more than pmk can hold."""
+    if backend == "divert":
+        await _divert_evicts_the_oldest_first()
+    else:
+        await _nfqueue_leaves_new_packets_in_the_kernel()
+
+
+async def _divert_evicts_the_oldest_first() -> None:
     flows = 6
-    async with Testbed(backend, ["udp:7171"], ["--packet-cache", "4"]) as bed:
+    async with Testbed("divert", ["udp:7171"], ["--packet-cache", "4"]) as bed:
         decider = await bed.decider(lambda info: HOLD)
         for n in range(flows):
             await bed.client.udp_open(bed.hosts.server_ip, 7171, id=f"f{n}")
@@ -68,6 +77,35 @@ async def test_full_packet_cache_evicts_the_oldest_first(backend: str) -> None:
         assert (stats["pending"], stats["evicted"]) == (0, 2)
         # The late answers about the evicted packets changed nothing.
         assert stats["accepted"] == stats["captured"] - 2
+
+
+async def _nfqueue_leaves_new_packets_in_the_kernel() -> None:
+    flows, capacity = 6, 4
+    args = ["--packet-cache", str(capacity), "--verdict-timeout", "30"]
+    async with Testbed("nfqueue", ["udp:7171"], args) as bed:
+        decider = await bed.decider(lambda info: HOLD)
+        for n in range(flows):
+            await bed.client.udp_open(bed.hosts.server_ip, 7171, id=f"f{n}")
+            await bed.client.send(f"flow {n}", id=f"f{n}")
+            if n < capacity:
+                await decider.wait_decides(n + 1)
+        # The two newest wait in the kernel's queue: pmk stopped reading instead of evicting.
+        stats = await bed.server.wait_stats(lambda s: s["read_pauses"] >= 1, "the reader to pause")
+        assert (stats["captured"], stats["pending"], stats["evicted"], stats["withdrawn"]) == (capacity, 4, 0, 0)
+        check_identity(stats)
+        first = decider.ids()
+        assert len(first) == capacity
+
+        # One answer makes room for one more packet, and so on: none is lost.
+        decider.policy = lambda info: ACCEPT
+        assert decider.release(ACCEPT, first[:1]) == first[:1]
+        await decider.wait_decides(capacity + 1)
+        decider.release(ACCEPT)
+        for n in range(flows):
+            assert await bed.client.recv(f"f{n}") == {"data": f"flow {n}"}
+        assert sorted(bed.peer.udp(7171)) == [f"flow {n}" for n in range(flows)]
+        stats = await bed.server.check_identity()
+        assert (stats["captured"], stats["accepted"], stats["evicted"], stats["pending"]) == (flows, flows, 0, 0)
 
 
 @pytest.mark.parametrize("default", ["block", "accept"])
