@@ -7,10 +7,12 @@ behaviour with real packets is covered by the namespace tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -57,20 +59,39 @@ def packet(port: int, data: bytes = b"x") -> bytes:
     return udp("198.18.0.1", "198.18.0.2", port, 53, data)
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[Server, RecordingBackend, str]]:
+@contextlib.asynccontextmanager
+async def serving(**options: Any) -> AsyncIterator[tuple[Server, RecordingBackend, str]]:
+    """A started server with a recording backend and ``ServeConfig(**options)``, on a fresh socket path."""
     directory = tempfile.mkdtemp(prefix="pmk-test-")
     os.chmod(directory, 0o700)
     path = os.path.join(directory, "pmk.sock")
     backend = RecordingBackend()
-    config = ServeConfig(endpoint=path, verdict_timeout=0.3, policy=default_only(Verdict.DROP))
-    server = Server(config, backend)
+    server = Server(ServeConfig(endpoint=path, **options), backend)
     await server.start()
     try:
         yield server, backend, path
     finally:
         await server.stop()
         os.rmdir(directory)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Server, RecordingBackend, str]]:
+    async with serving(verdict_timeout=0.3, policy=default_only(Verdict.DROP)) as running:
+        yield running
+
+
+async def held_decider(path: str) -> tuple[Client, dict[int, asyncio.Future[Decision]]]:
+    """A decider whose answers wait for the test: one future per remote port, in arrival order."""
+    answers: dict[int, asyncio.Future[Decision]] = {}
+
+    def decide(info: dict) -> asyncio.Future[Decision]:  # type: ignore[type-arg]
+        answers[info["remote_port"]] = asyncio.get_running_loop().create_future()
+        return answers[info["remote_port"]]
+
+    decider = await Client.connect(path, decide)
+    await decider.hello("slow", "decider")
+    return decider, answers
 
 
 async def until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -201,54 +222,25 @@ async def test_shutdown_gives_held_packets_the_default(served) -> None:  # type:
 
 
 async def test_asks_beyond_the_in_flight_limit_wait_their_turn() -> None:
-    directory = tempfile.mkdtemp(prefix="pmk-test-")
-    path = os.path.join(directory, "pmk.sock")
-    backend = RecordingBackend()
-    server = Server(ServeConfig(endpoint=path, max_in_flight=1, verdict_timeout=5.0), backend)
-    await server.start()
-    try:
-        answers: dict[int, asyncio.Future[Decision]] = {}
-        seen: list[int] = []
-
-        def decide(info: dict) -> asyncio.Future[Decision]:  # type: ignore[type-arg]
-            seen.append(info["remote_port"])
-            answers[info["remote_port"]] = asyncio.get_running_loop().create_future()
-            return answers[info["remote_port"]]
-
-        decider = await Client.connect(path, decide)
-        await decider.hello("slow", "decider")
+    async with serving(max_in_flight=1, verdict_timeout=5.0) as (server, backend, path):
+        decider, answers = await held_decider(path)
         backend.push(packet(1), packet(2), packet(3))
-        await until(lambda: seen == [1])
+        await until(lambda: list(answers) == [1])
         assert server.stats()["waiting_for_decider"] == 2 and server.stats()["in_flight"] == 1
         answers[1].set_result(Decision("accept"))
-        await until(lambda: seen == [1, 2])
+        await until(lambda: list(answers) == [1, 2])
         answers[2].set_result(Decision("drop"))
-        await until(lambda: seen == [1, 2, 3])
+        await until(lambda: list(answers) == [1, 2, 3])
         answers[3].set_result(Decision("block"))
         await until(lambda: len(backend.applied) == 3)
         assert [v for _, v, _ in backend.applied] == [Verdict.ACCEPT, Verdict.DROP, Verdict.BLOCK]
         assert identity_holds(server.stats()) and server.stats()["defaulted"] == 0
         decider.close()
-    finally:
-        await server.stop()
-        os.rmdir(directory)
 
 
 async def test_the_backend_is_told_how_many_more_packets_pmk_can_hold() -> None:
-    directory = tempfile.mkdtemp(prefix="pmk-test-")
-    path = os.path.join(directory, "pmk.sock")
-    backend = RecordingBackend()
-    server = Server(ServeConfig(endpoint=path, packet_cache=8, verdict_timeout=5.0), backend)
-    await server.start()
-    try:
-        answers: dict[int, asyncio.Future[Decision]] = {}
-
-        def decide(info: dict) -> asyncio.Future[Decision]:  # type: ignore[type-arg]
-            answers[info["remote_port"]] = asyncio.get_running_loop().create_future()
-            return answers[info["remote_port"]]
-
-        decider = await Client.connect(path, decide)
-        await decider.hello("slow", "decider")
+    async with serving(packet_cache=8, verdict_timeout=5.0) as (_server, backend, path):
+        decider, answers = await held_decider(path)
         backend.push(packet(1), packet(2), packet(3))
         await until(lambda: len(answers) == 3)
         assert backend.rooms[-1] == 5  # three of eight held
@@ -258,9 +250,6 @@ async def test_the_backend_is_told_how_many_more_packets_pmk_can_hold() -> None:
             answers[port].set_result(Decision("accept"))
         await until(lambda: backend.rooms[-1] == 8)
         decider.close()
-    finally:
-        await server.stop()
-        os.rmdir(directory)
 
 
 async def test_an_answer_after_the_timeout_counts_as_late(served) -> None:  # type: ignore[no-untyped-def]
