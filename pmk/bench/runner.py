@@ -491,8 +491,8 @@ class Bench:
         seconds = self.settings.overload_seconds
         for factor in OVERLOAD_FACTORS:
             runs = []
+            rate = factor * peak
             for _ in range(self.settings.repeats):
-                rate = factor * peak
                 self.log(f"O: pmk {backend}, new connections at {factor}x the peak ({rate:,.0f}/s) for {seconds}s")
                 runs.append(self._overload_run(backend, factor, peak, seconds))
             runs.sort(key=lambda run: run["decided_pps"])
