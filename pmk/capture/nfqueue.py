@@ -410,7 +410,7 @@ class NfqueueBackend(CaptureBackend):
             self._loop.add_reader(self._sock.fileno(), self._drain)
 
     def _pause(self) -> None:
-        """Stop reading until pmk has room: packets wait in the kernel's queue (which drops past its length)."""
+        """Stop reading until pmk has room: packets wait in the kernel's queue (full: dropped, or fail-open passes)."""
         if self._loop is not None and self._sock is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._paused = True
