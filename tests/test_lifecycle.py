@@ -366,6 +366,48 @@ def test_kernel_bandwidth_comes_from_dumps_the_first_being_the_baseline() -> Non
     assert len(of(cmd.MeasureTraffic, svc.handle(ev.LifeTick(), now=7.6))) == 1
 
 
+def test_a_pass_that_adds_nothing_sooner_leaves_the_life_timer_alone() -> None:
+    svc = make(idle=2.0)
+    with_clients(svc)
+    decide(svc, udp_in(8100))
+    armed = svc._life_at
+    assert armed is not None and armed <= 0.5  # a sweep within a quarter of the idle timeout
+    out = svc.handle(ev.PacketsCaptured([udp_in(8101)]), now=0.1)  # a new connection joins behind
+    assert of(cmd.ArmLifeTimer, out) == [] and svc._life_at == armed
+
+
+def test_the_first_cached_connection_gets_a_sweep_sooner_than_a_long_bandwidth_interval() -> None:
+    svc = make(idle=2.0)
+    with_clients(svc)
+    assert life_timer(subscribe(svc, 1, 3600.0, now=0.0)) == 3600.0  # nothing cached: no sweep yet
+    out = svc.handle(ev.PacketsCaptured([udp_in(8102)]), now=1.0)
+    (ask,) = of(cmd.SendDecide, out)
+    out = svc.handle(ev.DecideAnswered(ask.client, ask.msgid, None, {"verdict": "accept", "permanent": True}), 1.0)
+    assert life_timer(out) == 1.5
+    assert ends(svc.handle(ev.LifeTick(), now=3.0))[1][0]["reason"] == "idle"
+
+
+def test_a_subscription_sooner_than_the_armed_sweep_rearms_the_timer() -> None:
+    svc = make(idle=1000.0)
+    with_clients(svc)
+    decide(svc, udp_in(8103))
+    assert svc._life_at == 1.0
+    assert life_timer(subscribe(svc, 1, 0.2, now=0.5)) == pytest.approx(0.7)
+
+
+def test_a_measured_dump_rearms_the_timer_for_its_client_when_another_armed_it_later() -> None:
+    svc = make(kernel=True)
+    with_clients(svc)
+    subscribe(svc, 1, 1.0, now=0.0)
+    svc.handle(ev.LifeTick(), now=0.0)  # client 1's baseline dump starts
+    assert life_timer(subscribe(svc, 2, 60.0, now=0.1)) == 0.1  # client 2's baseline, at once
+    svc.handle(ev.LifeTick(), now=0.1)  # both dumps under way: nothing armed
+    out = svc.handle(ev.TrafficMeasured((2,), {}, ({},)), now=0.2)
+    assert life_timer(out) == 60.1  # client 1 still waits for its dump
+    out = svc.handle(ev.TrafficMeasured((1,), {}, ({},)), now=0.3)
+    assert life_timer(out) == 1.0
+
+
 def test_a_rerouted_connections_record_says_where_it_goes() -> None:
     cache = VerdictCache(4)
     entry = cache.put(udp_key(53), Verdict.REROUTE_TO_NAMESERVER, Target.parse("127.0.0.1:5353"))

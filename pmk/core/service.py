@@ -142,6 +142,11 @@ class Service:
         self.life = lifecycle.Lifecycle(self.engine.verdicts, idle_timeout, REDIRECT_LINGER)
         self.bandwidth = bandwidth.Bandwidth()
         self._life_at: float | None = None
+        #: Something was added (a closing connection, a subscription, a measured client) that may be
+        #: due before the armed life timer; until then a pass need not look (``_arm_life_timer``).
+        self._life_sooner = True
+        #: The armed life timer is no later than the next sweep (divert: something is cached or closing).
+        self._life_sweeps = False
         #: list_connections waiting for the kernel's totals: op -> (client, msgid, offset, limit)
         self._list_ops: dict[int, tuple[int, int, int, int]] = {}
         self._handlers: dict[type, Callable[[Any, float], None]] = {
@@ -623,6 +628,8 @@ class Service:
         end = self.life.closing(key, entry, reset, now)
         if end is not None:
             self._ended([end], now)
+        else:
+            self._life_sooner = True
 
     def _ended(self, ends: list[lifecycle.End], now: float) -> None:
         """Tell every client that said hello (SPEC 8, connection_end); the entries are already out of the cache."""
@@ -661,15 +668,29 @@ class Service:
         self._ended(ends, now)
 
     def _on_traffic_measured(self, event: ev.TrafficMeasured, now: float) -> None:
+        self._life_sooner = True  # the measured clients' next notifications are due again
         for n, client in enumerate(event.clients):
             if self.bandwidth.measured(client, event.totals):
                 self._out.append(cmd.Notify(client, names.BANDWIDTH, [bandwidth.entries(event.moved[n])]))
 
     def _arm_life_timer(self, now: float) -> None:
-        """Arm the life timer when something is due earlier than it is armed for."""
+        """Arm the life timer when something is due earlier than it is armed for.
+
+        This runs after every pass, so it returns at once when nothing can
+        be due sooner: the timer is armed, it covers the next sweep (where
+        pmk sweeps), and nothing was added since (``_life_sooner``). The
+        oldest cached entry only gets later (it is seen again, or leaves),
+        and new entries join behind it.
+        """
+        kernel = self._backend.kernel_verdict_cache
+        if self._life_at is not None and not self._life_sooner and (kernel or self._life_sweeps):
+            return
+        self._life_sooner = False
         times = [self.bandwidth.next_due()]
-        if not self._backend.kernel_verdict_cache:
-            times.append(self.life.next_sweep(now))
+        if not kernel:
+            sweep = self.life.next_sweep(now)
+            self._life_sweeps = sweep is not None
+            times.append(sweep)
         at = min((t for t in times if t is not None), default=None)
         if at is not None and (self._life_at is None or at < self._life_at):
             self._life_at = at
@@ -707,6 +728,7 @@ class Service:
         interval = bandwidth.check_subscribe(event.params)
         kernel = self._backend.kernel_verdict_cache
         self.bandwidth.subscribe(event.client, interval, now, self.engine.verdicts, kernel)
+        self._life_sooner = True
         return True
 
     # -- start and end ------------------------------------------------------------------------
