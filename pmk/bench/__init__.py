@@ -15,7 +15,7 @@ def add_parser(commands: argparse._SubParsersAction[Any]) -> None:
     bench.add_argument(
         "--rows",
         default=None,
-        help="subset of ABCFDEOST (O = overload at 2x and 5x D's peak, S = scale, T = new TCP connections)",
+        help="subset of ABCFDEOST (O = 1x, 2x and 5x D's peak, S = scale, T = new TCP connections)",
     )
     bench.add_argument(
         "--scale-sizes",
