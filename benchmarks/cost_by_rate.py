@@ -20,8 +20,7 @@ import argparse
 import tempfile
 import time
 
-from pmk.bench.runner import Bench, Settings
-from pmk.testing.netns import two_hosts
+from pmk.bench.runner import Bench, Settings, bench_hosts
 
 #: The stats counters that count reads from each backend.
 READS = {"divert": ("cached_batches", "other_batches"), "nfqueue": ("batches",)}
@@ -35,8 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     header = f"{'backend':>8} {'rate/s':>7} {'p50 us':>7} {'p99 us':>7} {'pmk us/conn':>11} {'pmk busy':>8}"
     print(f"{header} {'decider us/conn':>15} {'pkts/read':>9}")
-    with two_hosts() as hosts:
-        hosts.sh(hosts.server, "ip", "route", "add", "198.19.0.0/16", "via", hosts.client_ip)
+    with bench_hosts() as hosts:
         settings = Settings(latency_packets=int(args.seconds * 1000))
         bench = Bench(hosts, tempfile.mkdtemp(prefix="pmk-cost-"), settings, lambda text: None)
         try:

@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from pmk.bench.runner import Bench, Settings
-from pmk.testing.netns import two_hosts
+from pmk.bench.runner import Bench, Settings, bench_hosts
 
 
 def main() -> None:
@@ -27,8 +26,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     print(f"{'rate/s':>8} {'maxlen':>6} {'decided/s':>9} {'q-drops':>8} {'evicted':>8} {'pauses':>6} {'us/conn':>7}")
-    with two_hosts() as hosts:
-        hosts.sh(hosts.server, "ip", "route", "add", "198.19.0.0/16", "via", hosts.client_ip)
+    with bench_hosts() as hosts:
         bench = Bench(hosts, tempfile.mkdtemp(prefix="pmk-nfq-"), Settings(), lambda text: None)
         try:
             for rate in args.rates:

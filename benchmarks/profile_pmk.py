@@ -19,8 +19,7 @@ import sys
 import tempfile
 import time
 
-from pmk.bench.runner import Bench, Settings
-from pmk.testing.netns import two_hosts
+from pmk.bench.runner import Bench, Settings, bench_hosts
 
 RAW = ("--nonblocking", "-f", "raw", "-o")
 
@@ -56,8 +55,7 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="pmk-prof-")
     out = f"{tmp}/profile.txt"
     out_decider = f"{tmp}/profile-decider.txt"
-    with two_hosts() as hosts:
-        hosts.sh(hosts.server, "ip", "route", "add", "198.19.0.0/16", "via", hosts.client_ip)
+    with bench_hosts() as hosts:
         bench = Bench(hosts, tmp, Settings(seconds=args.seconds), lambda t: print(t, file=sys.stderr))
         try:
             with bench.pmk(args.backend) as pmk:

@@ -16,8 +16,7 @@ import shutil
 import sys
 import tempfile
 
-from pmk.bench.runner import Bench, Settings
-from pmk.testing.netns import two_hosts
+from pmk.bench.runner import Bench, Settings, bench_hosts
 
 DIVERT = [
     [],
@@ -66,8 +65,7 @@ def main() -> int:
     if args.backend in ("nfqueue", "both"):
         cases += [("nfqueue", a) for a in NFQUEUE]
     try:
-        with two_hosts() as hosts:
-            hosts.sh(hosts.server, "ip", "route", "add", "198.19.0.0/16", "via", hosts.client_ip)
+        with bench_hosts() as hosts:
             settings = Settings(overload_seconds=args.seconds)
             bench = Bench(hosts, tmp, settings, lambda t: print(f"... {t}", file=sys.stderr, flush=True))
             try:

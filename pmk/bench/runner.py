@@ -28,6 +28,7 @@ from pmk.bench.ladder import Ladder, Step
 from pmk.bench.procs import Proc, ProcGroup
 from pmk.bench.report import report
 from pmk.bench.scale import Scale
+from pmk.bench.traffic import NEW_FLOW_NET
 from pmk.rpc import names
 from pmk.testing.netns import TwoHosts, need_root_reason, two_hosts
 
@@ -108,6 +109,14 @@ class Measure:
     def get(self, key: str) -> float | None:
         series = self.values.get(key)
         return statistics.median(series) if series else None
+
+
+@contextlib.contextmanager
+def bench_hosts() -> Iterator[TwoHosts]:
+    """Two throwaway namespaces (``two_hosts``), the server routing the new-flow sources back to the client."""
+    with two_hosts() as hosts:
+        hosts.sh(hosts.server, "ip", "route", "add", NEW_FLOW_NET, "via", hosts.client_ip)
+        yield hosts
 
 
 class Bench:
@@ -648,8 +657,7 @@ def main(settings: Settings, as_json: bool = False) -> int:
         return 2
     tmp = tempfile.mkdtemp(prefix="pmk-bench-")
     try:
-        with two_hosts() as hosts:
-            hosts.sh(hosts.server, "ip", "route", "add", "198.19.0.0/16", "via", hosts.client_ip)
+        with bench_hosts() as hosts:
             bench = Bench(hosts, tmp, settings, lambda text: print(f"... {text}", file=sys.stderr, flush=True))
             bench.log(f"namespaces {hosts.client} {hosts.server}")
             try:
