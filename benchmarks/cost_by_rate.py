@@ -3,15 +3,15 @@
     sudo .venv/bin/python benchmarks/cost_by_rate.py [--backends divert nfqueue] [--rates 1000 2000 5000 10000 15000]
 
 One fresh pmk per backend (accept-all decider on ``pmk.client``), then, per
-rate, a new UDP connection per packet for ``--packets-per-rate`` seconds' worth
-at that rate, as row D's latency step does (``pmk.bench``). Printed per rate:
-the one-way latency of each connection's first packet (p50, p99), pmk's and the
-decider's CPU per decided connection, how busy that keeps pmk (its CPU per
-second at this rate: 1.0 is a whole core), and how many packets pmk took per
-read from the capture backend (divert: per drain of its ring; nfqueue: per
-batch). Where packets come one per read, every read is a whole pass through
-pmk's code, its answer another, and the cost per connection is that of two
-passes; this is what the latency at 5,000/s is made of (benchmarks/README.md).
+rate, a new UDP connection per packet for ``--seconds`` (3) at that rate, as
+row D's latency step does (``pmk.bench``). Printed per rate: the one-way
+latency of each connection's first packet (p50, p99), pmk's and the decider's
+CPU per decided connection, how busy that keeps pmk (its CPU per second at
+this rate: 1.0 is a whole core), and how many packets pmk took per read from
+the capture backend (divert: per drain of its ring; nfqueue: per batch).
+Where packets come one per read, every read is a whole pass through pmk's
+code, its answer another, and the cost per connection is that of two passes;
+this is what the latency at 5,000/s is made of (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     header = f"{'backend':>8} {'rate/s':>7} {'p50 us':>7} {'p99 us':>7} {'pmk us/conn':>11} {'pmk busy':>8}"
     print(f"{header} {'decider us/conn':>15} {'pkts/read':>9}")
-    with bench_hosts() as hosts:
+    with bench_hosts() as hosts, tempfile.TemporaryDirectory(prefix="pmk-cost-") as tmp:
         settings = Settings(latency_packets=int(args.seconds * 1000))
-        bench = Bench(hosts, tempfile.mkdtemp(prefix="pmk-cost-"), settings, lambda text: None)
+        bench = Bench(hosts, tmp, settings, lambda text: None)
         try:
             for backend in args.backends:
                 with bench.pmk(backend) as pmk:
