@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     print(f"{'rate/s':>8} {'maxlen':>6} {'decided/s':>9} {'q-drops':>8} {'evicted':>8} {'pauses':>6} {'us/conn':>7}")
-    with bench_hosts() as hosts:
-        bench = Bench(hosts, tempfile.mkdtemp(prefix="pmk-nfq-"), Settings(), lambda text: None)
+    with bench_hosts() as hosts, tempfile.TemporaryDirectory(prefix="pmk-nfq-") as tmp:
+        bench = Bench(hosts, tmp, Settings(), lambda text: None)
         try:
             for rate in args.rates:
                 for _ in range(args.repeats):
