@@ -40,13 +40,12 @@ def main() -> None:
         try:
             for backend in args.backends:
                 with bench.pmk(backend) as pmk:
-                    decider = next(p for p in bench.procs.procs if p.name == "decider")
                     for rate in args.rates:
                         before = pmk.stats()
-                        cpu0, dcpu0 = pmk.proc.cpu_seconds(), decider.cpu_seconds()
+                        cpu0, dcpu0 = pmk.proc.cpu_seconds(), pmk.decider.cpu_seconds()
                         lat = bench.latency(new_flows=True, rate=rate)
                         after = pmk.settled_stats()
-                        cpu, dcpu = pmk.proc.cpu_seconds() - cpu0, decider.cpu_seconds() - dcpu0
+                        cpu, dcpu = pmk.proc.cpu_seconds() - cpu0, pmk.decider.cpu_seconds() - dcpu0
                         decided = max(1, after["accepted"] - before["accepted"])
                         reads = max(1, sum(after[k] - before[k] for k in READS[backend]))
                         per = cpu / decided * 1e6

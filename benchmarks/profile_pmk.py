@@ -65,14 +65,13 @@ def main() -> int:
                 receiver = bench.udp_receiver(args.seconds + 4, sample=100)
                 sender = bench.udp_sender(seconds=args.seconds, rate=args.rate, new_flows=new)
                 time.sleep(0.5)
-                decider = next(p for p in bench.procs.procs if p.name == "decider")
                 spies = [
                     subprocess.Popen(
                         [spy, "record", "-p", str(pid), "-d", str(int(args.seconds - 1)), "-r", "250", *RAW, path],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )
-                    for pid, path in ((pmk.proc.popen.pid, out), (decider.popen.pid, out_decider))
+                    for pid, path in ((pmk.proc.popen.pid, out), (pmk.decider.popen.pid, out_decider))
                 ]
                 for spy_proc in spies:
                     spy_proc.wait(timeout=args.seconds + 30)

@@ -301,7 +301,7 @@ class Bench:
                 pass
             self.extra.setdefault("pmk_start_s", []).append(round(time.monotonic() - started, 2))
             decider = self.procs.start([PY, "-m", "pmk.bench.decider", "--pipe", sock], name="decider")
-            handle = PmkHandle(proc, sock, backend)
+            handle = PmkHandle(proc, sock, backend, decider)
             deadline = time.monotonic() + 15
             while handle.stats().get("deciders", 0) < 1:
                 if time.monotonic() > deadline:
@@ -604,8 +604,10 @@ class Bench:
 
 
 class PmkHandle:
-    def __init__(self, proc: Proc, sock: str, backend: str) -> None:
+    def __init__(self, proc: Proc, sock: str, backend: str, decider: Proc) -> None:
         self.proc, self.sock, self.backend = proc, sock, backend
+        #: The bench's accept-all decider on this pmk (its CPU is measured beside pmk's).
+        self.decider = decider
         self.idle_rss = 0
 
     def stats(self) -> dict[str, Any]:
