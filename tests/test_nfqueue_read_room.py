@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pmk.capture.nfqueue import MAX_BATCH, NfqueueBackend
+from pmk.capture.nfqueue import MAX_BATCH, NfqueueBackend, _BoundedRecv
 from pmk.packet.captured import CapturedPacket
 
 
@@ -68,8 +68,6 @@ class Loop:
 
 @pytest.fixture
 def setup() -> Iterator[tuple[NfqueueBackend, KernelQueue, Loop, list[list[CapturedPacket]]]]:
-    from pmk.capture.nfqueue import _BoundedRecv
-
     backend = NfqueueBackend(queue_num=7)
     batches: list[list[CapturedPacket]] = []
     loop = Loop()
