@@ -30,7 +30,6 @@ import ctypes
 import errno
 import logging
 import operator
-import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +37,17 @@ from collections.abc import Sequence
 import pydivert
 
 from pmk.capture.base import CacheRun, CaptureBackend, CapturedPacket, PacketSink
+from pmk.capture.divert_address import (
+    ADDRESS_BYTES,
+    ETH_DST,
+    ETH_SRC,
+    FLAGS_BYTE,
+    INTERFACES,
+    INTERFACES_OFFSET,
+    LOOPBACK_BIT,
+    OUTBOUND_BIT,
+)
+from pmk.capture.divert_checksums import InterfaceMtu, mark_offloaded
 from pmk.capture.divert_reroute import Rerouter, reply_filter
 from pmk.config import DEFAULT_DIVERT_BATCH, DEFAULT_DIVERT_BATCHES_PER_WAKEUP, DEFAULT_RING_BYTES
 from pmk.packet.parse import parse_flow, simple_ipv4_runs
@@ -46,12 +56,6 @@ from pmk.verdicts import REROUTE_VERDICTS, RerouteTargets, Target, Verdict
 
 log = logging.getLogger(__name__)
 
-# WINDIVERT_ADDRESS is 80 bytes; the Outbound flag is bit 17 of the 32-bit
-# word at offset 8, i.e. bit 1 of byte 10; IfIdx and SubIfIdx follow at 16.
-ADDRESS_BYTES = 80
-_FLAGS_BYTE = 10
-_OUTBOUND_BIT = 0x02
-_LOOPBACK_BIT = 0x04
 # How often the redirect table drops connections that ended.
 _EXPIRE_EVERY = 5.0
 # WinDivert's batch limit; eBPFDivert accepts the same.
@@ -60,15 +64,6 @@ MAX_BATCH = 255
 CACHED_BATCHES_PER_WAKEUP = 8
 # Big enough for MAX_BATCH full-size packets (64 KiB GSO aggregates included).
 _RECV_BUFFER_BYTES = MAX_BATCH * 65_575
-# IfIdx and SubIfIdx in an address record.
-_INTERFACES = struct.Struct("<II")
-
-
-# eBPFDivert keeps the packet's Ethernet header in the record (bytes 36..49:
-# destination MAC, source MAC, ethertype) and re-injects with it; WinDivert
-# leaves these bytes reserved (zero).
-_ETH_DST = slice(36, 42)
-_ETH_SRC = slice(42, 48)
 
 
 def flipped_address(address: bytes) -> bytes:
@@ -78,9 +73,9 @@ def flipped_address(address: bytes) -> bytes:
     addresses would be addressed to pmk's own host and dropped by the peer.
     """
     record = bytearray(address)
-    record[_FLAGS_BYTE] ^= _OUTBOUND_BIT
+    record[FLAGS_BYTE] ^= OUTBOUND_BIT
     if sys.platform.startswith("linux"):
-        record[_ETH_DST], record[_ETH_SRC] = address[_ETH_SRC], address[_ETH_DST]
+        record[ETH_DST], record[ETH_SRC] = address[ETH_SRC], address[ETH_DST]
     return bytes(record)
 
 
@@ -91,7 +86,7 @@ def split_batch(buf: bytearray, total: int, records: bytes) -> tuple[list[Captur
     one per record: only then may the batch be re-injected from the buffer.
     """
     view = memoryview(buf)
-    interfaces = _INTERFACES.unpack_from
+    interfaces = INTERFACES.unpack_from
     packets: list[CapturedPacket] = []
     append = packets.append
     offset = 0
@@ -107,11 +102,11 @@ def split_batch(buf: bytearray, total: int, records: bytes) -> tuple[list[Captur
             length = 0
         # A GSO aggregate may carry 0 in the length field; it then fills the rest.
         end = offset + length if length else total
-        if_index, sub_if_index = interfaces(records, start + 16)
+        if_index, sub_if_index = interfaces(records, start + INTERFACES_OFFSET)
         append(
             CapturedPacket(
                 bytes(view[offset : min(end, total)]),
-                bool(records[start + _FLAGS_BYTE] & _OUTBOUND_BIT),
+                bool(records[start + FLAGS_BYTE] & OUTBOUND_BIT),
                 if_index,
                 sub_if_index,
                 records[start : start + ADDRESS_BYTES],
@@ -176,7 +171,7 @@ class DivertBackend(CaptureBackend):
         if self._queue_len:
             self._divert.set_param(pydivert.Param.QUEUE_LEN, self._queue_len)
         if sys.platform.startswith("linux"):
-            self._linux = _LinuxBatchIO(self._divert, self.batch)
+            self._linux = _LinuxBatchIO(self._divert, self.batch, InterfaceMtu())
             loop.add_reader(self._linux.event_fd, self._drain)
         else:
             self._reader = _ThreadReader(self._divert, loop, sink, self.batch)
@@ -258,7 +253,7 @@ class DivertBackend(CaptureBackend):
         frames = []
         for packet in packets:
             raw, record = packet.raw, packet.token
-            if packet.outbound and not record[_FLAGS_BYTE] & _LOOPBACK_BIT:
+            if packet.outbound and not record[FLAGS_BYTE] & LOOPBACK_BIT:
                 flow = packet.flow or parse_flow(raw)
                 if flow is not None:
                     raw, record = rerouter.outbound(raw, record, flow.key(True), target, now)
@@ -282,7 +277,7 @@ class DivertBackend(CaptureBackend):
         others: list[tuple[bytes, bytes]] = []
         for packet in packets:
             record = packet.token
-            loopback = record[_FLAGS_BYTE] & _LOOPBACK_BIT
+            loopback = record[FLAGS_BYTE] & LOOPBACK_BIT
             if packet.outbound and not loopback:
                 out.append(packet)  # the application's own: its connection's verdict decides
                 continue
@@ -357,6 +352,7 @@ class DivertBackend(CaptureBackend):
             "rejects_sent": self.rejects_sent,
             "cached_batches": self.cached_batches,
             "other_batches": self.other_batches,
+            "offloaded_checksums": self._linux.offloaded if self._linux is not None else 0,
         }
         try:
             native = self._divert.stats() if self._divert.is_open else {}
@@ -383,6 +379,8 @@ class DivertBackend(CaptureBackend):
             with contextlib.suppress(OSError, RuntimeError):
                 divert.close()
         self._reply_handles = []
+        if self._linux is not None:
+            self._linux.close()
         if self._divert.is_open:
             self._divert.close()
 
@@ -396,7 +394,8 @@ def _address_struct(address: bytes) -> ctypes.Structure:
 class _LinuxBatchIO:
     """Batched receive and send through libebpfdivert's ``recv_ex``/``send_ex``."""
 
-    def __init__(self, divert: pydivert.Divert, batch: int) -> None:
+    def __init__(self, divert: pydivert.Divert, batch: int, mtu_of: InterfaceMtu | None = None) -> None:
+        """``mtu_of``: for the handle that re-injects, to let the kernel checksum TCP aggregates (divert_checksums)."""
         from pydivert.bpf import libebpfdivert
         from pydivert.windivert_dll.structs import WinDivertAddress
 
@@ -415,6 +414,13 @@ class _LinuxBatchIO:
         self._count = ctypes.c_uint32(0)
         self._sent = ctypes.c_uint32(0)
         self._address_type = WinDivertAddress
+        self._mtu_of = mtu_of
+        #: Re-injected aggregates whose checksum was left to the kernel.
+        self.offloaded = 0
+
+    def close(self) -> None:
+        if self._mtu_of is not None:
+            self._mtu_of.close()
 
     def receive_batch(self) -> int:
         """Receive whatever is queued, up to one batch, into the buffer; return the count."""
@@ -442,8 +448,8 @@ class _LinuxBatchIO:
         turns out to be cached, no per-packet object is ever built.
         """
         count = self._count.value
-        flags = self._address_view[_FLAGS_BYTE : count * ADDRESS_BYTES : ADDRESS_BYTES]
-        return simple_ipv4_runs(self._buffer, self._received.value, map(_OUTBOUND_BIT.__and__, flags))
+        flags = self._address_view[FLAGS_BYTE : count * ADDRESS_BYTES : ADDRESS_BYTES]
+        return simple_ipv4_runs(self._buffer, self._received.value, map(OUTBOUND_BIT.__and__, flags))
 
     def packets(self) -> list[CapturedPacket]:
         """The received batch as packets.
@@ -474,6 +480,10 @@ class _LinuxBatchIO:
         """Inject the last received batch as it is in the receive buffer; return failures."""
         self._current = None
         count = self._count.value
+        if self._mtu_of is not None:
+            self.offloaded += mark_offloaded(
+                self._buffer, self._received.value, self._address_view, count, self._mtu_of, self._mtu_of.loopback
+            )
         ret = self._lib.ebpfdivert_send_ex(
             self._handle, self._buffer_c, self._received.value, ctypes.byref(self._sent), self._addresses, count
         )

@@ -30,15 +30,17 @@ import errno
 import socket
 from collections.abc import Iterable
 
+from pmk.capture.divert_address import (
+    FLAGS_BYTE,
+    IFINDEX,
+    LOOPBACK_BIT,
+    OUTBOUND_BIT,
+    TCP_CHECKSUM_BIT,
+    UDP_CHECKSUM_BIT,
+)
 from pmk.core.redirects import RedirectTable
 from pmk.packet.parse import TCP, parse_flow
 from pmk.verdicts import ConnKey, Target, ip_text
-
-# WINDIVERT_ADDRESS: byte 10 holds Sniffed(0) Outbound(1) Loopback(2) Impostor(3)
-# IPv6(4) IPChecksum(5) TCPChecksum(6) UDPChecksum(7); IfIdx is at 16.
-_FLAGS_BYTE = 10
-_OUTBOUND, _LOOPBACK, _TCP_CHECKSUM, _UDP_CHECKSUM = 0x02, 0x04, 0x40, 0x80
-_IF_INDEX = slice(16, 20)
 
 
 def is_local_address(ip: bytes) -> bool:
@@ -57,17 +59,17 @@ def is_local_address(ip: bytes) -> bool:
 def loopback_inbound(record: bytes, loopback_index: int) -> bytes:
     """The address record that re-injects a packet into the loopback interface's receive path."""
     out = bytearray(record)
-    out[_FLAGS_BYTE] = (out[_FLAGS_BYTE] & ~_OUTBOUND) | _LOOPBACK
-    out[_IF_INDEX] = loopback_index.to_bytes(4, "little")
+    out[FLAGS_BYTE] = (out[FLAGS_BYTE] & ~OUTBOUND_BIT) | LOOPBACK_BIT
+    out[IFINDEX] = loopback_index.to_bytes(4, "little")
     return bytes(out)
 
 
 def checksum_partial(record: bytes, protocol: int) -> bool:
     """True when the packet's TCP/UDP checksum is the kernel's partial sum (flag clear on an outbound packet)."""
-    flags = record[_FLAGS_BYTE]
-    if not flags & _OUTBOUND:
+    flags = record[FLAGS_BYTE]
+    if not flags & OUTBOUND_BIT:
         return False
-    return not flags & (_TCP_CHECKSUM if protocol == TCP else _UDP_CHECKSUM)
+    return not flags & (TCP_CHECKSUM_BIT if protocol == TCP else UDP_CHECKSUM_BIT)
 
 
 def reply_filter(targets: Iterable[Target]) -> str:

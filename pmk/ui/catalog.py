@@ -109,6 +109,7 @@ STATS: tuple[Stat, ...] = (
     Stat("rejects_sent", C, _B, "TCP RST or ICMP unreachable packets sent for block"),
     Stat("cached_batches", C, _B, "divert receives answered wholly from the cache"),
     Stat("other_batches", C, _B, "divert receives with anything else"),
+    Stat("offloaded_checksums", C, _B, "re-injected TCP aggregates the kernel checksummed, not the divert library"),
     Stat("replay_frames", C, _B, "frames read from the capture file (pmk replay)"),
     Stat("replay_not_ip", C, _B, "frames skipped: not IP, or unreadable (pmk replay)"),
     Stat("replay_not_local", C, _B, "packets skipped: neither side is --local (pmk replay)"),
