@@ -116,6 +116,15 @@ def test_a_length_past_the_received_bytes_stops_the_walk() -> None:
     assert marked_after((aggregate(), record()), (bytes(broken), record())) == [True, False]
 
 
+def test_an_ipv6_length_of_zero_stops_the_walk() -> None:
+    # A jumbogram's length is not in its header; walking on by 40 bytes would read its
+    # payload (here an IPv4 aggregate's bytes) as the next packet and mark that one's record.
+    header = bytearray(aggregate(v6=True)[:40])
+    header[4:6] = b"\0\0"
+    jumbo = bytes(header) + aggregate()
+    assert marked_after((aggregate(), record()), (jumbo, record()), (aggregate(), record())) == [True, False, False]
+
+
 def test_the_mtu_lookup_reads_the_kernel() -> None:
     mtu = InterfaceMtu()
     try:

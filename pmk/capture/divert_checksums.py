@@ -94,7 +94,10 @@ def mark_offloaded(
             # Not a fragment: neither More Fragments nor an offset.
             tcp = buffer[offset + 9] == _IPPROTO_TCP and not (buffer[offset + 6] & 0x3F or buffer[offset + 7])
         elif version == 6:
-            length = 40 + (buffer[offset + 4] << 8 | buffer[offset + 5])
+            payload = buffer[offset + 4] << 8 | buffer[offset + 5]
+            if not payload:  # a jumbogram (its length is in an option): stop rather than guess
+                return marked
+            length = 40 + payload
             tcp = buffer[offset + 6] == _IPPROTO_TCP
         else:
             return marked
