@@ -23,9 +23,9 @@ checks every byte; pydivert is pinned to the minor version this was read from.
 
 from __future__ import annotations
 
-import fcntl
 import socket
 import struct
+import sys
 from collections.abc import Callable
 
 from pmk.capture.divert_address import (
@@ -52,24 +52,32 @@ _SIOCGIFMTU = 0x8921
 _IFREQ = struct.Struct("16s24x")  # struct ifreq: the name, then a 24-byte union (the MTU at its start)
 _IPPROTO_TCP = 6
 
+if sys.platform != "win32":  # the divert backend imports this module on Windows too
+    import fcntl
+
 
 class InterfaceMtu:
-    """An interface's MTU by index, read from the kernel at each call (0 if it cannot be read)."""
+    """An interface's MTU by index, read from the kernel at each call (0 if it cannot be read). Linux only."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # Python's sockets are created close-on-exec.
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            #: lo's index (0 if the namespace has none): re-injection never takes the aggregate path there.
             self.loopback = socket.if_nametoindex("lo")
         except OSError:
             self.loopback = 0
 
     def __call__(self, ifindex: int) -> int:
-        try:
-            name = socket.if_indextoname(ifindex).encode()
-            answer = fcntl.ioctl(self._sock, _SIOCGIFMTU, _IFREQ.pack(name))
-        except OSError:
+        if sys.platform == "win32":  # an if/else: mypy --platform win32 then skips the Linux branch
             return 0
-        return int.from_bytes(answer[16:20], "little", signed=True)
+        else:
+            try:
+                name = socket.if_indextoname(ifindex).encode()
+                answer = fcntl.ioctl(self._sock, _SIOCGIFMTU, _IFREQ.pack(name))
+            except OSError:
+                return 0
+            return int.from_bytes(answer[16:20], "little", signed=True)
 
     def close(self) -> None:
         self._sock.close()
