@@ -12,7 +12,7 @@ import struct
 import pytest
 
 from pmk.capture.divert_address import ADDRESS_BYTES, TCP_CHECKSUM_BIT
-from pmk.capture.divert_checksums import InterfaceMtu, mark_offloaded
+from pmk.capture.divert_checksums import MTU_SETTLE_S, InterfaceMtu, mark_offloaded
 from tests.packets import ACK, ip_packet, tcp, udp
 
 A, B = "198.18.0.1", "198.18.0.2"
@@ -123,6 +123,18 @@ def test_an_ipv6_length_of_zero_stops_the_walk() -> None:
     header[4:6] = b"\0\0"
     jumbo = bytes(header) + aggregate()
     assert marked_after((aggregate(), record()), (jumbo, record()), (aggregate(), record())) == [True, False, False]
+
+
+def test_an_interface_whose_mtu_changed_is_not_trusted_until_it_settles() -> None:
+    readings = iter([1500, 1500, 9000, 9000, 9000, 1500, 1500, 0])
+    clock = iter([0.0, 10.0, 11.0, 11.0 + MTU_SETTLE_S - 0.1, 11.0 + MTU_SETTLE_S, 14.0, 14.0 + MTU_SETTLE_S, 20.0])
+    mtu = InterfaceMtu(read=lambda ifindex: next(readings), clock=lambda: next(clock))
+    try:
+        # First sight trusted; a change marks nothing there until it has held MTU_SETTLE_S
+        # (the library may still send by the old MTU); unreadable is 0 whatever came before.
+        assert [mtu(ETH) for _ in range(8)] == [1500, 1500, 0, 0, 9000, 0, 1500, 0]
+    finally:
+        mtu.close()
 
 
 def test_the_mtu_lookup_reads_the_kernel() -> None:

@@ -14,9 +14,12 @@ the field with the pseudo-header sum itself (``prepare_gso`` in
 libebpfdivert 0.1.0's handle.c). pmk sets the TCP flag on exactly the packets
 that take that path, mirroring the library's own choice: not loopback, a
 captured interface with the record's layer-2 stash, longer than 576 bytes
-and than the interface's MTU, read when the batch goes back (an MTU cached
-across an increase could mark a packet the library would send whole, with
-its partial checksum). Anything else keeps the library's recomputation.
+and than the interface's MTU. A packet marked but sent whole would go out
+with its partial checksum, so the MTU is read when the batch goes back (one
+cached across an increase would mark too much), and for a while after it
+changes nothing on that interface is marked: the library keeps an MTU for a
+second and may still be sending by the old one. Anything else keeps the
+library's recomputation.
 ``tests/test_e2e_verdicts.py`` carries a bulk transfer through this path and
 checks every byte; pydivert is pinned to the minor version this was read from.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable
 
 from pmk.capture.divert_address import (
@@ -48,20 +52,35 @@ _GSO_FLOOR = 576
 _WALK_ABOVE_AVERAGE = 1500
 #: Inbound packets are re-injected through lo with the interface in 16 bits of a mark.
 _MAX_IFINDEX = 0xFFFF
-_SIOCGIFMTU = 0x8921
-_IFREQ = struct.Struct("16s24x")  # struct ifreq: the name, then a 24-byte union (the MTU at its start)
+_SIOCGIFNAME, _SIOCGIFMTU = 0x8910, 0x8921
+# struct ifreq: the name, then a 24-byte union whose first int is the index (SIOCGIFNAME) or the MTU.
+_IFREQ_BY_INDEX = struct.Struct("16si20x")
+_IFREQ_BY_NAME = struct.Struct("16s24x")
 _IPPROTO_TCP = 6
+#: After an interface's MTU changes, how long nothing on it is marked (libebpfdivert keeps an MTU for 1 s).
+MTU_SETTLE_S = 2.0
+#: Interfaces whose last reading is kept.
+_SEEN_INTERFACES = 256
 
 if sys.platform != "win32":  # the divert backend imports this module on Windows too
     import fcntl
 
 
 class InterfaceMtu:
-    """An interface's MTU by index, read from the kernel at each call (0 if it cannot be read). Linux only."""
+    """The MTU to compare an aggregate with, by interface index; 0 means mark nothing there. Linux only.
 
-    def __init__(self) -> None:
+    That is the interface's MTU read now, unless it differs from the last
+    reading or did less than ``MTU_SETTLE_S`` ago.
+    """
+
+    def __init__(self, read: Callable[[int], int] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        """``read`` and ``clock`` are for tests; by default the kernel's MTU and the monotonic clock."""
         # Python's sockets are created close-on-exec.
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._read = read or self._read_kernel
+        self._clock = clock
+        #: ifindex -> (MTU last read, when it may be trusted).
+        self._seen: dict[int, tuple[int, float]] = {}
         try:
             #: lo's index (0 if the namespace has none): re-injection never takes the aggregate path there.
             self.loopback = socket.if_nametoindex("lo")
@@ -69,12 +88,25 @@ class InterfaceMtu:
             self.loopback = 0
 
     def __call__(self, ifindex: int) -> int:
+        mtu = self._read(ifindex)
+        now = self._clock()
+        seen = self._seen.get(ifindex)
+        if seen is None or seen[0] != mtu:
+            if len(self._seen) >= _SEEN_INTERFACES:
+                self._seen.clear()  # interfaces come and go; forgetting one only delays its marking
+            # Seen for the first time: trusted at once (a change in the second before goes unguarded).
+            self._seen[ifindex] = (mtu, now if seen is None else now + MTU_SETTLE_S)
+            return mtu if seen is None else 0
+        return mtu if now >= seen[1] else 0
+
+    def _read_kernel(self, ifindex: int) -> int:
         if sys.platform == "win32":  # an if/else: mypy --platform win32 then skips the Linux branch
             return 0
         else:
+            # Two ioctls on one socket (socket.if_indextoname opens a socket of its own each time).
             try:
-                name = socket.if_indextoname(ifindex).encode()
-                answer = fcntl.ioctl(self._sock, _SIOCGIFMTU, _IFREQ.pack(name))
+                named = fcntl.ioctl(self._sock, _SIOCGIFNAME, _IFREQ_BY_INDEX.pack(b"", ifindex))
+                answer = fcntl.ioctl(self._sock, _SIOCGIFMTU, _IFREQ_BY_NAME.pack(named[:16]))
             except OSError:
                 return 0
             return int.from_bytes(answer[16:20], "little", signed=True)
