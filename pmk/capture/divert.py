@@ -482,7 +482,7 @@ class _LinuxBatchIO:
         count = self._count.value
         if self._mtu_of is not None:
             self.offloaded += mark_offloaded(
-                self._buffer, self._received.value, self._address_view, count, self._mtu_of, self._mtu_of.loopback
+                self._buffer, self._received.value, self._address_view, count, self._mtu_of
             )
         ret = self._lib.ebpfdivert_send_ex(
             self._handle, self._buffer_c, self._received.value, ctypes.byref(self._sent), self._addresses, count

@@ -69,8 +69,9 @@ if sys.platform != "win32":  # the divert backend imports this module on Windows
 class InterfaceMtu:
     """The MTU to compare an aggregate with, by interface index; 0 means mark nothing there. Linux only.
 
-    That is the interface's MTU read now, unless it differs from the last
-    reading or did less than ``MTU_SETTLE_S`` ago.
+    That is the interface's MTU read now, unless the interface is lo (the
+    library re-injects there without segmenting) or its MTU differs from the
+    last reading or did less than ``MTU_SETTLE_S`` ago.
     """
 
     def __init__(self, read: Callable[[int], int] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
@@ -82,12 +83,13 @@ class InterfaceMtu:
         #: ifindex -> (MTU last read, when it may be trusted).
         self._seen: dict[int, tuple[int, float]] = {}
         try:
-            #: lo's index (0 if the namespace has none): re-injection never takes the aggregate path there.
-            self.loopback = socket.if_nametoindex("lo")
+            self._loopback = socket.if_nametoindex("lo")
         except OSError:
-            self.loopback = 0
+            self._loopback = 0
 
     def __call__(self, ifindex: int) -> int:
+        if ifindex == self._loopback:
+            return 0
         mtu = self._read(ifindex)
         now = self._clock()
         seen = self._seen.get(ifindex)
@@ -115,9 +117,7 @@ class InterfaceMtu:
         self._sock.close()
 
 
-def mark_offloaded(
-    buffer: bytearray, total: int, records: memoryview, count: int, mtu_of: Callable[[int], int], loopback: int
-) -> int:
+def mark_offloaded(buffer: bytearray, total: int, records: memoryview, count: int, mtu_of: Callable[[int], int]) -> int:
     """Set the TCP checksum flag on the aggregates the library will let the kernel checksum; return how many.
 
     ``buffer`` holds ``count`` IP packets back to back (``total`` bytes), and
@@ -152,7 +152,7 @@ def mark_offloaded(
                 and records[base + STASH_LENGTH_BYTE] <= STASH_MAX
             ):
                 ifindex = INTERFACES.unpack_from(records, base + INTERFACES_OFFSET)[0]
-                if 0 < ifindex <= _MAX_IFINDEX and ifindex != loopback:
+                if 0 < ifindex <= _MAX_IFINDEX:
                     mtu = mtus.get(ifindex)
                     if mtu is None:
                         mtu = mtus[ifindex] = mtu_of(ifindex)
