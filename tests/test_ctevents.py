@@ -78,6 +78,7 @@ def ct_message(
     seq: int = 0,
     wide: bool = True,
     ct_id: int = 0xABCDEF,
+    stamps: tuple[int, int | None] = (0, None),
 ) -> bytes:
     """A conntrack message ordered as the kernel sends a DESTROY event."""
     protocol, src, sport, dst, dport = orig
@@ -90,7 +91,9 @@ def ct_message(
     if counts is not None:
         body += attr(CTA_COUNTERS_ORIG, counters(counts[0], counts[1], wide), nested=True)
         body += attr(CTA_COUNTERS_REPLY, counters(counts[2], counts[3], wide), nested=True)
-    body += attr(20, attr(1, bytes(8)), nested=True)  # CTA_TIMESTAMP
+    start, stop = stamps
+    times = attr(1, struct.pack(">Q", start)) + (attr(2, struct.pack(">Q", stop)) if stop is not None else b"")
+    body += attr(20, times, nested=True)  # CTA_TIMESTAMP
     if mark is not None:
         body += attr(CTA_MARK, struct.pack(">I", mark))
     return struct.pack("=IHHII", 16 + len(body), kind, 0, seq, 0) + body
@@ -112,6 +115,22 @@ def test_an_event_yields_both_tuples_the_mark_and_both_counters() -> None:
     assert entry == CtEntry(
         0xABCDEF, 6, HERE, 40000, PEER, 7401, PEER, 7401, HERE, 40000, ACCEPT_MARK, 5, 6000, 4, 3200
     )
+
+
+def test_an_end_says_when_the_kernel_began_and_stopped_tracking_it_on_pmks_clock() -> None:
+    began, stopped = 1_700_000_000_250_000_000, 1_700_000_003_750_000_000  # CLOCK_REALTIME ns
+    [found], _ = parse(ct_message((6, HERE, 40000, PEER, 7401), stamps=(began, stopped)))
+    assert (found.start_ns, found.stop_ns) == (began, stopped)
+    wall_ahead = 1_699_999_000.0  # realtime minus monotonic
+    ended = place(found, LocalAddresses([HERE]), wall_ahead)
+    assert ended.span == pytest.approx((1000.25, 1003.75))
+
+
+def test_an_entry_without_both_timestamps_has_no_span() -> None:
+    local = LocalAddresses([HERE])
+    [unstopped], _ = parse(ct_message((6, HERE, 1, PEER, 2), stamps=(5_000_000_000, None)))
+    [unstarted], _ = parse(ct_message((6, HERE, 1, PEER, 2), stamps=(0, 5_000_000_000)))
+    assert place(unstopped, local, 1.0).span is None and place(unstarted, local, 1.0).span is None
 
 
 def test_ipv6_and_32_bit_counters() -> None:

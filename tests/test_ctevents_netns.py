@@ -137,6 +137,7 @@ def marked_udp_flows(hosts: TwoHosts, count: int) -> None:
 
 def test_marked_connections_end_with_their_keys_and_the_kernels_counters(hosts: TwoHosts) -> None:
     events = opened(hosts)
+    began = time.monotonic()
     try:
         here, here6, peer, peer6 = (
             packed(a) for a in (hosts.server_ip, hosts.server_ip6, hosts.client_ip, hosts.client_ip6)
@@ -163,9 +164,17 @@ def test_marked_connections_end_with_their_keys_and_the_kernels_counters(hosts: 
         assert set(live) == {out_key, in_key, udp_key}
         assert live[udp_key] == Counters(1, 3, 78, 3 * 128)
 
+        flushed = time.monotonic()
         flush(hosts)
         ended = {e.key: e for e in read_until(events, 3)}
+        read = time.monotonic()
         assert set(ended) == {out_key, in_key, udp_key}, "exactly the marked connections end"
+        # The kernel's timestamps (switched on by open), on pmk's clock: begun after the
+        # subscription, stopped by the flush (a few ms for the clocks' conversion).
+        for end in ended.values():
+            assert end.span is not None
+            start, stop = end.span
+            assert began - 0.005 <= start <= flushed and flushed - 0.005 <= stop <= read + 0.005
         assert all(e.mark == ACCEPT_MARK for e in ended.values())
         assert [ended[k].outbound for k in (out_key, in_key, udp_key)] == [True, False, True]
         # UDP: IP packet lengths, exact (20 + 8 + payload).
@@ -192,7 +201,8 @@ def test_an_address_added_after_the_start_is_local_at_once(hosts: TwoHosts) -> N
             port = sock.getsockname()[1]
         flush(hosts)
         [ended] = read_until(events, 1)
-        assert ended == Ended(
+        assert ended.span is not None
+        assert ended._replace(span=None) == Ended(
             ConnKey(17, packed(added), port, packed(hosts.client_ip), UDP_PORT),
             True,
             ACCEPT_MARK,

@@ -204,13 +204,51 @@ def test_the_kernel_reports_ends_with_its_counters() -> None:
     svc = make(kernel=True)
     with_clients(svc)
     decide(svc, tcp_in(5003, SYN), verdict="block")
-    out = svc.handle(ev.ConnectionsEnded(((tcp_key(5003), (4, 5, 400, 500)), (tcp_key(9), (1, 1, 1, 1)))), 2.5)
+    ended = ((tcp_key(5003), (4, 5, 400, 500), (0.1, 2.4)), (tcp_key(9), (1, 1, 1, 1), None))
+    out = svc.handle(ev.ConnectionsEnded(ended), 2.5)
     (record,) = ends(out)[1]
     assert record["reason"] == "destroyed" and record["verdict"] == "block" and record["age"] == 2.5
     assert [record[k] for k in ("packets_in", "packets_out", "bytes_in", "bytes_out")] == [4, 5, 400, 500]
     assert svc.stats(now=3.0)["verdict_cache_entries"] == 0
     # No idle sweeps where the kernel keeps the connections.
     assert of(cmd.ArmLifeTimer, out) == [] and ends(svc.handle(ev.LifeTick(), now=1e6)) == {}
+
+
+def test_a_late_end_of_an_older_connection_is_told_and_leaves_the_newer_ones_verdict() -> None:
+    """The kernel dropped a connection at 4.0 and its end is read at 6.0, after a new one with the
+    same ports came through the cache at 5.0: that one keeps the entry and gets its own end later."""
+    svc = make(kernel=True)
+    with_clients(svc)
+    decide(svc, tcp_in(5005, SYN), now=1.0)
+    out = svc.handle(ev.PacketsCaptured([tcp_in(5005, SYN)]), now=5.0)  # no mark in the kernel: from the cache
+    assert of(cmd.Apply, out)[0].verdict is Verdict.ACCEPT and of(cmd.SendDecide, out) == []
+    out = svc.handle(ev.ConnectionsEnded(((tcp_key(5005), (3, 4, 300, 400), (1.0, 4.0)),)), now=6.0)
+    (old,) = ends(out)[1]
+    assert (old["reason"], old["verdict"], old["age"], old["packets_in"], old["bytes_out"]) == (
+        "destroyed",
+        "accept",
+        3.0,
+        3,
+        400,
+    )
+    assert svc.stats(now=6.0)["verdict_cache_entries"] == 1
+    (read,) = of(cmd.ReadTotals, svc.handle(ev.ClientRequest(2, 7, "list_connections", []), now=7.0))
+    (reply,) = of(cmd.Reply, svc.handle(ev.TotalsRead(read.op, {}), now=7.0))
+    assert [(r["remote_port"], r["age"]) for r in reply.result["connections"]] == [(5005, 2.0)]
+    out = svc.handle(ev.ConnectionsEnded(((tcp_key(5005), (1, 1, 60, 60), (5.0, 8.0)),)), now=8.5)
+    (new,) = ends(out)[1]
+    assert (new["age"], new["packets_in"]) == (3.5, 1)
+    assert svc.stats(now=9.0)["verdict_cache_entries"] == 0
+
+
+def test_an_end_without_timestamps_ends_whatever_is_cached_under_its_key() -> None:
+    """A kernel without conntrack timestamps: no way to tell an older connection's end from the newer one's."""
+    svc = make(kernel=True)
+    with_clients(svc)
+    decide(svc, tcp_in(5006, SYN), now=1.0)
+    svc.handle(ev.PacketsCaptured([tcp_in(5006, SYN)]), now=5.0)
+    (record,) = ends(svc.handle(ev.ConnectionsEnded(((tcp_key(5006), (3, 4, 300, 400), None),)), now=6.0))[1]
+    assert record["age"] == 1.0 and svc.stats(now=6.0)["verdict_cache_entries"] == 0
 
 
 def list_call(svc: Service, *params: Any, now: float = 5.0) -> cmd.Reply | cmd.ReplyError:

@@ -27,8 +27,11 @@ __all__ = [
 
 #: (packets_in, packets_out, bytes_in, bytes_out) of a connection, as the kernel counted them.
 Traffic = tuple[int, int, int, int]
-#: Called on the event loop with connections the kernel stopped tracking, and their totals.
-EndedSink = Callable[[list[tuple[ConnKey, Traffic]]], None]
+#: A connection the kernel stopped tracking: its key, its totals, and (began, stopped) on
+#: pmk's clock when the kernel timed it (None otherwise).
+KernelEnd = tuple[ConnKey, Traffic, "tuple[float, float] | None"]
+#: Called on the event loop with connections the kernel stopped tracking.
+EndedSink = Callable[[list[KernelEnd]], None]
 
 
 class KernelUpdateError(Exception):

@@ -89,7 +89,9 @@ CTA_MARK = 8
 CTA_COUNTERS_ORIG = 9
 CTA_COUNTERS_REPLY = 10
 CTA_ID = 12
+CTA_TIMESTAMP = 20
 CTA_MARK_MASK = 21
+CTA_TIMESTAMP_START, CTA_TIMESTAMP_STOP = 1, 2
 CTA_TUPLE_IP = 1
 CTA_TUPLE_PROTO = 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
@@ -116,6 +118,7 @@ EVENTS_PER_WAKEUP = 1024
 #: Lost-event warnings: at most one per this many seconds.
 LOST_LOG_INTERVAL = 1.0
 ACCT_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_acct"
+TIMESTAMP_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_timestamp"
 EVENTS_SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_events"
 
 _NLMSG = struct.Struct("=IHHII")  # length, type, flags, seq, port id
@@ -138,7 +141,10 @@ class CtEntry(NamedTuple):
     Addresses are packed (4 or 16 bytes); ports are 0 for protocols without.
     ``orig`` is the direction of the connection's first packet; ``ct_id`` is
     the kernel's id of the entry, a 32-bit hash: two live entries share one
-    now and then (two pairs among 100k entries, measured).
+    now and then (two pairs among 100k entries, measured). ``start_ns`` and
+    ``stop_ns`` are when the kernel began and stopped tracking it, in
+    CLOCK_REALTIME nanoseconds (``nf_conntrack_timestamp``); 0 when not known
+    (stop: the entry is live).
     """
 
     ct_id: int
@@ -156,6 +162,8 @@ class CtEntry(NamedTuple):
     orig_bytes: int
     reply_packets: int
     reply_bytes: int
+    start_ns: int = 0
+    stop_ns: int = 0
 
 
 class Counters(NamedTuple):
@@ -168,12 +176,17 @@ class Counters(NamedTuple):
 
 
 class Ended(NamedTuple):
-    """A pmk-marked connection the kernel stopped tracking, placed on this host."""
+    """A pmk-marked connection the kernel stopped tracking, placed on this host.
+
+    ``span`` is (began, stopped) on pmk's clock (time.monotonic), from the
+    kernel's timestamps; None for an entry made before timestamps were on.
+    """
 
     key: ConnKey
     outbound: bool
     mark: int
     counters: Counters
+    span: tuple[float, float] | None = None
 
 
 #: Called once per wake-up with every connection end read in it.
@@ -257,6 +270,22 @@ def _tuple(data: bytes | bytearray, pos: int, end: int) -> tuple[int, bytes, int
     return protocol, src, sport, dst, dport
 
 
+def _timestamps(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
+    """(start, stop) in nanoseconds of a CTA_TIMESTAMP payload; 0 for one that is missing."""
+    start = stop = 0
+    while pos + 4 <= end:
+        length, kind = _NLA.unpack_from(data, pos)
+        if length < 4 or pos + length > end:
+            break
+        kind &= _NLA_TYPE_MASK
+        if kind == CTA_TIMESTAMP_START and length >= 12:
+            start = _BE64.unpack_from(data, pos + 4)[0]
+        elif kind == CTA_TIMESTAMP_STOP and length >= 12:
+            stop = _BE64.unpack_from(data, pos + 4)[0]
+        pos += (length + 3) & ~3
+    return start, stop
+
+
 def _counters(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
     """(packets, bytes) of a CTA_COUNTERS_* payload."""
     packets = octets = 0
@@ -285,7 +314,7 @@ def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> 
     too short or cut short yields what it holds (missing parts are empty or 0).
     """
     mark = ct_id = 0
-    orig = reply = counters_orig = counters_reply = -1
+    orig = reply = counters_orig = counters_reply = stamps = -1
     pos += _NLMSG.size + _NFGEN.size
     while pos + 4 <= end:
         length, kind = _NLA.unpack_from(data, pos)
@@ -304,6 +333,8 @@ def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> 
             counters_orig, counters_orig_end = pos + 4, pos + length
         elif kind == CTA_COUNTERS_REPLY:
             counters_reply, counters_reply_end = pos + 4, pos + length
+        elif kind == CTA_TIMESTAMP:
+            stamps, stamps_end = pos + 4, pos + length
         pos += (length + 3) & ~3
     if not mark & mark_mask or orig < 0:
         return None
@@ -314,7 +345,10 @@ def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> 
         rsrc, rsport, rdst, rdport = odst, odport, osrc, osport
     opk, oby = _counters(data, counters_orig, counters_orig_end) if counters_orig >= 0 else (0, 0)
     rpk, rby = _counters(data, counters_reply, counters_reply_end) if counters_reply >= 0 else (0, 0)
-    return CtEntry(ct_id, protocol, osrc, osport, odst, odport, rsrc, rsport, rdst, rdport, mark, opk, oby, rpk, rby)
+    start, stop = _timestamps(data, stamps, stamps_end) if stamps >= 0 else (0, 0)
+    return CtEntry(
+        ct_id, protocol, osrc, osport, odst, odport, rsrc, rsport, rdst, rdport, mark, opk, oby, rpk, rby, start, stop
+    )
 
 
 def _walk(
@@ -457,15 +491,22 @@ class LocalAddresses:
             self._watch = None
 
 
-def place(entry: CtEntry, local: LocalAddresses) -> Ended:
-    """The entry as pmk keys it: outbound when its original source is this host's."""
+def place(entry: CtEntry, local: LocalAddresses, wall_ahead: float = 0.0) -> Ended:
+    """The entry as pmk keys it: outbound when its original source is this host's.
+
+    ``wall_ahead``: how far CLOCK_REALTIME is ahead of pmk's clock, to put the
+    kernel's timestamps on pmk's.
+    """
+    span = None
+    if entry.start_ns and entry.stop_ns:
+        span = (entry.start_ns / 1e9 - wall_ahead, entry.stop_ns / 1e9 - wall_ahead)
     if local.is_local(entry.orig_src):
         key = ConnKey(entry.protocol, entry.orig_src, entry.orig_sport, entry.orig_dst, entry.orig_dport)
         counters = Counters(entry.reply_packets, entry.orig_packets, entry.reply_bytes, entry.orig_bytes)
-        return Ended(key, True, entry.mark, counters)
+        return Ended(key, True, entry.mark, counters, span)
     key = ConnKey(entry.protocol, entry.reply_src, entry.reply_sport, entry.orig_src, entry.orig_sport)
     counters = Counters(entry.orig_packets, entry.reply_packets, entry.orig_bytes, entry.reply_bytes)
-    return Ended(key, False, entry.mark, counters)
+    return Ended(key, False, entry.mark, counters, span)
 
 
 # --- the kernel's settings ----------------------------------------------------
@@ -485,17 +526,24 @@ def _enable_sysctl(path: str, name: str) -> bool:
 
 
 def enable_accounting() -> None:
-    """Make the kernel count packets and bytes per connection, and send conntrack events.
+    """Make the kernel count packets and bytes per connection, time it, and send conntrack events.
 
-    Both are settings of this network namespace that pmk leaves on when it
+    These are settings of this network namespace that pmk leaves on when it
     stops (turning them off again would not take counters away from entries
-    that have them, only from connections made later). Counters exist only
-    for connections made after accounting is on.
+    that have them, only from connections made later). Counters and
+    timestamps exist only for connections made after they are on. The
+    timestamps tell an end event that comes late from the end of a newer
+    connection with the same addresses (``Ended.span``); a kernel without
+    them (no CONFIG_NF_CONNTRACK_TIMESTAMP) runs pmk without that check.
     """
     if _enable_sysctl(ACCT_SYSCTL, "net.netfilter.nf_conntrack_acct"):
         log.info("conntrack accounting switched on (net.netfilter.nf_conntrack_acct=1)")
     if _enable_sysctl(EVENTS_SYSCTL, "net.netfilter.nf_conntrack_events"):
         log.info("conntrack events switched on (net.netfilter.nf_conntrack_events=1)")
+    if not os.path.exists(TIMESTAMP_SYSCTL):
+        log.warning("this kernel has no conntrack timestamps: a late end event can end a newer connection's record")
+    elif _enable_sysctl(TIMESTAMP_SYSCTL, "net.netfilter.nf_conntrack_timestamp"):
+        log.info("conntrack timestamps switched on (net.netfilter.nf_conntrack_timestamp=1)")
 
 
 # --- destroy events -----------------------------------------------------------
@@ -547,13 +595,14 @@ class ConntrackEvents:
         mark_mask: int,
         rcvbuf: int = DEFAULT_EVENT_RCVBUF,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.local = local
         self.mark_mask = mark_mask
         self.rcvbuf = rcvbuf
         self.events = 0
         self.lost = 0
-        self._clock = clock
+        self._clock, self._wall = clock, wall
         self._lost_logged_at: float | None = None
         self._lost_since_log = 0
         self._sock: socket.socket | None = None
@@ -623,7 +672,8 @@ class ConntrackEvents:
         self.events += len(entries)
         local = self.local
         local.update()
-        return [place(entry, local) for entry in entries]
+        wall_ahead = self._wall() - self._clock()
+        return [place(entry, local, wall_ahead) for entry in entries]
 
     def _on_readable(self) -> None:
         try:

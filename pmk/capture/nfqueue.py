@@ -665,7 +665,7 @@ class NfqueueBackend(CaptureBackend):
 
     def _ended(self, ended: list[Ended]) -> None:
         if self.on_ended is not None:
-            self.on_ended([(end.key, end.counters) for end in ended])
+            self.on_ended([(end.key, end.counters, end.span) for end in ended])
 
     def traffic_since(
         self, previous: Sequence[Mapping[ConnKey, Traffic] | None]

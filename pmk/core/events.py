@@ -124,10 +124,13 @@ class LifeTick:
 class ConnectionsEnded:
     """The kernel stopped tracking these connections (nfqueue: conntrack DESTROY events).
 
-    Each is (key, (packets_in, packets_out, bytes_in, bytes_out)), the kernel's totals.
+    Each is (key, (packets_in, packets_out, bytes_in, bytes_out), span): the
+    kernel's totals, and (began, stopped) on the service's clock when the
+    kernel timed the connection, else None. A stop earlier than the cached
+    entry began is the late end of an older connection with the same key.
     """
 
-    ends: tuple[tuple[ConnKey, tuple[int, int, int, int]], ...]
+    ends: tuple[tuple[ConnKey, tuple[int, int, int, int], tuple[float, float] | None], ...]
 
 
 @dataclass(slots=True)

@@ -266,7 +266,7 @@ class Service:
                     self.policy_hits[decision.rule] = self.policy_hits.get(decision.rule, 0) + len(work.unparsed)
                     engine.settle_unparsed(work.unparsed, decision.verdict)
                 for packets, verdict in work.kernel_hits:
-                    self._decided_from_cache(packets, verdict)
+                    self._decided_from_cache(packets, verdict, now)
                 for key, entry, reset in work.closing:
                     self._closing(key, entry, reset, now)
                 for held in work.withdrawn:
@@ -285,11 +285,21 @@ class Service:
             self._out.append(cmd.ArmTimer(deadline))
         self._arm_life_timer(now)
 
-    def _decided_from_cache(self, packets: list[CapturedPacket], verdict: Verdict) -> None:
-        """A kernel-cache backend only sees packets of connections it has no verdict for: record the hand-over."""
+    def _decided_from_cache(self, packets: list[CapturedPacket], verdict: Verdict, now: float) -> None:
+        """A kernel-cache backend only sees packets of connections it has no verdict for: record the hand-over.
+
+        Such a packet begins a connection in the kernel (a new one with a
+        cached key, or one whose mark was taken away), so the entry's record
+        begins again: an end the kernel reports for an earlier connection with
+        this key stopped before that (``_on_connections_ended``).
+        """
+        cache = self.engine.verdicts
         for packet in packets:
             key = conn_key(packet.raw, packet.outbound)
             if key is not None:
+                entry = cache.peek(key)
+                if entry is not None:
+                    entry.created = now
                 self._record(cmd.Decided(key, packet.outbound, verdict, True, "cache", ""))
 
     def _record(self, decided: cmd.Decided) -> None:
@@ -633,12 +643,18 @@ class Service:
 
     def _ended(self, ends: list[lifecycle.End], now: float) -> None:
         """Tell every client that said hello (SPEC 8, connection_end); the entries are already out of the cache."""
-        if not ends:
-            return
-        greeted = [client for client, known in self._clients.items() if known.greeted]
+        records = []
         for key, entry, reason in ends:
             record = lifecycle.record(key, entry, now)
             record["reason"] = reason
+            records.append(record)
+        self._send_ends(records)
+
+    def _send_ends(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        greeted = [client for client, known in self._clients.items() if known.greeted]
+        for record in records:
             for client in greeted:
                 self._out.append(cmd.Notify(client, names.CONNECTION_END, [record]))
 
@@ -659,13 +675,30 @@ class Service:
             self._out.append(cmd.Notify(client, names.BANDWIDTH, [bandwidth.entries(moved)]))
 
     def _on_connections_ended(self, event: ev.ConnectionsEnded, now: float) -> None:
-        cache, ends = self.engine.verdicts, []
-        for key, traffic in event.ends:
-            entry = cache.pop(key)
-            if entry is not None:  # else not cached (evicted, cleared, or never decided permanently)
+        """End the cached connections the kernel stopped tracking, but not a newer one with the same key.
+
+        An end event can be read after a new connection with the same
+        addresses has come through the cache (the kernel drops an entry in
+        TIME_WAIT when a new SYN reuses its ports): its stop then precedes the
+        entry's begin (``_decided_from_cache``). That older connection's end
+        is still told, with the kernel's totals and lifetime, and the entry
+        stays for the newer one.
+        """
+        cache, records = self.engine.verdicts, []
+        for key, traffic, span in event.ends:
+            entry = cache.peek(key)
+            if entry is None:
+                continue  # not cached (evicted, cleared, or never decided permanently)
+            if span is not None and span[1] < entry.created:
+                record = lifecycle.record(key, entry, now, traffic)
+                record["age"] = round(max(0.0, span[1] - span[0]), 3)
+            else:
+                cache.pop(key)
                 entry.packets_in, entry.packets_out, entry.bytes_in, entry.bytes_out = traffic
-                ends.append((key, entry, "destroyed"))
-        self._ended(ends, now)
+                record = lifecycle.record(key, entry, now)
+            record["reason"] = "destroyed"
+            records.append(record)
+        self._send_ends(records)
 
     def _on_traffic_measured(self, event: ev.TrafficMeasured, now: float) -> None:
         self._life_sooner = True  # the measured clients' next notifications are due again

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import pmk
-from pmk.capture.base import CaptureBackend, CapturedPacket, KernelUpdateError, Traffic
+from pmk.capture.base import CaptureBackend, CapturedPacket, KernelEnd, KernelUpdateError, Traffic
 from pmk.config import ServeConfig
 from pmk.core import commands as cmd
 from pmk.core import events as ev
@@ -201,7 +201,7 @@ class Server:
         self._life_timer = None
         self._run((ev.LifeTick(),))
 
-    def _on_ended(self, ends: list[tuple[ConnKey, Traffic]]) -> None:
+    def _on_ended(self, ends: list[KernelEnd]) -> None:
         self._run((ev.ConnectionsEnded(tuple(ends)),))
 
     def _measured(self, clients: tuple[int, ...], future: Future[Measured]) -> None:
