@@ -72,3 +72,40 @@ async def test_flushed_rules_come_back_and_are_counted() -> None:
         # Decided by pmk again: the decider is asked and its block holds.
         assert await bed.client.tcp_connect(ip, 7217, id="after", timeout=QUIET) == {"error": "ECONNREFUSED"}
         assert len(decider.infos) == 1
+
+
+def nat_rules(bed: Testbed) -> list[str]:
+    """pmk's chains and jumps in the server namespace's ``mangle`` and ``nat`` tables, both families."""
+    lines = []
+    for tool in ("iptables", "ip6tables"):
+        for table in ("mangle", "nat"):
+            out = bed.hosts.sh(bed.hosts.server, tool, "-w", "-t", table, "-S").stdout
+            lines += [f"{tool} {table} {line}" for line in out.splitlines() if "PMK" in line]
+    return sorted(lines)
+
+
+async def test_a_flushed_nat_table_comes_back_so_reroutes_keep_their_target() -> None:
+    """A firewall reload flushes ``nat``: a first packet marked for a reroute would then leave, un-NATed,
+    for the address its application asked for. The rules watchdog puts pmk's NAT chains back."""
+    nameserver = 7353
+    async with Testbed("nfqueue", ["udp:7218"], start_pmk=False) as bed:
+        hosts = bed.hosts
+        await bed.start_pmk(["--nameserver", f"{hosts.server_ip}:{nameserver}"])
+        await bed.decider(lambda info: Decision("reroute_to_nameserver"))
+        target = await bed.listen(hosts.server, [f"udp:{nameserver}"])
+        far = await bed.listen(hosts.client, ["udp:7218"])
+        app = await bed.session(hosts.server)
+        assert await app.udp_query(hosts.client_ip, 7218, "before") == {
+            "data": "before",
+            "from": [hosts.client_ip, 7218],
+        }
+        installed = nat_rules(bed)
+        for tool in ("iptables", "ip6tables"):
+            bed.hosts.sh(hosts.server, tool, "-w", "-t", "nat", "-F")
+        assert not any(" nat -A OUTPUT " in line for line in nat_rules(bed))
+
+        stats = await bed.server.wait_stats(lambda s: s["rules_restored"] == 2, "both families' NAT rules restored")
+        assert stats["rules_check_errors"] == 0
+        assert nat_rules(bed) == installed
+        assert await app.udp_query(hosts.client_ip, 7218, "after") == {"data": "after", "from": [hosts.client_ip, 7218]}
+        assert target.udp(nameserver) == ["before", "after"] and far.udp(7218) == []

@@ -913,12 +913,9 @@ def test_bad_flags_are_usage_errors_naming_the_bad_part() -> None:
         NfqueueBackend(queue_num=70000)
 
 
-def test_missing_rules_names_what_is_gone() -> None:
-    from pmk.capture.netfilter_rules import build_restore, missing_rules, parse_match
-
-    script = build_restore(3, parse_match("tcp:22,udp"), v6=False, owner_pid=42)
-    # What ``iptables -S`` prints for that script (plus someone else's rule).
-    listing = ["-P INPUT ACCEPT", "-A INPUT -p tcp -j ACCEPT"]
+def as_listing(script: str) -> list[str]:
+    """What ``iptables -S`` prints once a restore script's part is in (plus someone else's rule)."""
+    listing = ["-P OUTPUT ACCEPT", "-A OUTPUT -p tcp -j ACCEPT"]
     for line in script.splitlines():
         if line.startswith(":"):
             listing.append(f"-N {line[1:].split()[0]}")
@@ -927,6 +924,14 @@ def test_missing_rules_names_what_is_gone() -> None:
         elif line.startswith("-I "):
             hook, _one, rest = line[3:].split(" ", 2)
             listing.append(f"-A {hook} {rest}")
+    return listing
+
+
+def test_missing_rules_names_what_is_gone() -> None:
+    from pmk.capture.netfilter_rules import build_restore, missing_rules, parse_match
+
+    script = build_restore(3, parse_match("tcp:22,udp"), v6=False, owner_pid=42)
+    listing = as_listing(script)
     assert missing_rules(script, "\n".join(listing)) == []
     flushed = [line for line in listing if line.startswith("-N ")]
     assert missing_rules(script, "\n".join(flushed)) == [
@@ -943,6 +948,25 @@ def test_missing_rules_names_what_is_gone() -> None:
         "the jump from INPUT to PMK-IN is gone",
         "the jump from OUTPUT to PMK-OUT is gone",
     ]
+
+
+def test_the_nat_script_is_checked_table_by_table() -> None:
+    from pmk.capture.nat_rules import build_nat_restore
+    from pmk.capture.netfilter_rules import missing_rules, parse_match, script_tables
+
+    script = build_nat_restore(3, parse_match("udp:53"), [None] * 15, owner_pid=42)
+    parts = script_tables(script)
+    assert list(parts) == ["mangle", "nat"] and "".join(parts.values()) == script
+    listings = {table: as_listing(part) for table, part in parts.items()}
+    assert all(missing_rules(parts[t], "\n".join(listings[t])) == [] for t in parts)
+    # ``iptables -t nat -F``: the chain stays, empty, and the jump into it is gone.
+    flushed = [line for line in listings["nat"] if line.startswith(("-N ", "-P "))]
+    assert missing_rules(parts["nat"], "\n".join(flushed)) == [
+        "chain PMK-NAT has 0 of its 30 rules",
+        "the jump from OUTPUT to PMK-NAT is gone",
+    ]
+    without_first = [line for line in listings["mangle"] if "PMK-NAT-FIRST" not in line.split()[:2]]
+    assert missing_rules(parts["mangle"], "\n".join(without_first)) == ["chain PMK-NAT-FIRST is gone"]
 
 
 def test_rules_fail_closed_unless_asked() -> None:

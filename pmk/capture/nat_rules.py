@@ -252,6 +252,35 @@ class NatRuleSet:
             for _family, tool in rules.FAMILIES:
                 remove_chains(tool)
 
+    def damage(self) -> dict[str, list[str]]:
+        """For each family whose NAT chains or jumps are not all in place (tool name), what is missing.
+
+        A flushed ``nat`` table would send rerouted connections to where
+        their application asked (a leak, for a DNS or tunnel reroute), so the
+        rules watchdog checks these chains as it checks the filter ones.
+        """
+        found = {}
+        for family, tool in rules.FAMILIES:
+            problems = []
+            for table, part in rules.script_tables(self.script(family == "ipv6")).items():
+                try:
+                    proc = _run([tool, "-w", "-t", table, "-S"])
+                except (OSError, subprocess.SubprocessError) as error:
+                    raise rules.RulesError(f"{tool} -t {table} -S: {error}") from None
+                if proc.returncode != 0:
+                    raise rules.RulesError(f"{tool} -t {table} -S: {proc.stderr.strip()}")
+                problems += rules.missing_rules(part, proc.stdout)
+            if problems:
+                found[tool] = problems
+        return found
+
+    def repair(self, tool: str) -> None:
+        """Put one family's NAT chains and jumps back, with the targets now in their slots."""
+        remove_chains(tool)
+        proc = _run([f"{tool}-restore", "-w", "--noflush"], stdin=self.script(tool == "ip6tables"))
+        if proc.returncode != 0:
+            raise rules.RulesError(f"{tool}-restore: {proc.stderr.strip()}")
+
     def mark_for(self, target: Target) -> int | None:
         """The slot bits for ``target`` if it is installed (no I/O), else None."""
         slot = self.tables[len(target.ip)].lookup(target)

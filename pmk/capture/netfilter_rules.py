@@ -188,25 +188,38 @@ def build_restore(
     return "\n".join(lines) + "\n"
 
 
+def script_tables(script: str) -> dict[str, str]:
+    """The parts of a restore script by table: ``{"mangle": "*mangle ... COMMIT"}``."""
+    tables: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in script.splitlines():
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], [])
+        current.append(line)
+    return {table: "\n".join(lines) + "\n" for table, lines in tables.items()}
+
+
 def missing_rules(script: str, listing: str) -> list[str]:
-    """What of ``script`` (``build_restore``'s) is missing from ``listing`` (``iptables -S``).
+    """What of one table's ``script`` (a restore script's part) is missing from ``listing`` (``iptables -t T -S``).
 
     Compared by count, which is cheap enough to run every few seconds: each
-    pmk chain must exist with as many rules as the script gives it, and each
-    hook must hold the script's jump with its owner comment. A rule rewritten
-    in place goes unnoticed; a flush, a delete or a removed chain does not.
+    chain the script declares must exist with as many rules as the script
+    gives it, and each hook must hold the script's jump with its owner
+    comment. A rule rewritten in place goes unnoticed; a flush, a delete or a
+    removed chain does not.
     """
     lines = listing.splitlines()
-    want = Counter(line.split()[1] for line in script.splitlines() if line.startswith("-A "))
+    script_lines = script.splitlines()
+    want = Counter(line.split()[1] for line in script_lines if line.startswith("-A "))
     have = Counter(line.split()[1] for line in lines if line.startswith("-A "))
     chains = {line.split()[1] for line in lines if line.startswith("-N ")}
     problems = []
-    for chain in CHAINS:
+    for chain in (line[1:].split()[0] for line in script_lines if line.startswith(":")):
         if chain not in chains:
             problems.append(f"chain {chain} is gone")
         elif have[chain] != want[chain]:
             problems.append(f"chain {chain} has {have[chain]} of its {want[chain]} rules")
-    for jump in script.splitlines():
+    for jump in script_lines:
         found = re.match(r'-I (\S+) 1 -m comment --comment "([^"]*)" -j (\S+)$', jump)
         if found:
             hook, comment, chain = found.groups()

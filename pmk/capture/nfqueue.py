@@ -388,10 +388,11 @@ class NfqueueBackend(CaptureBackend):
             if self._closed:
                 return
             try:
-                for tool, problems in self._rules.damage().items():
-                    log.warning("%s: pmk's rules were changed (%s); putting them back", tool, "; ".join(problems))
-                    self._rules.repair(tool)
-                    self._counts["rules_restored"] += 1
+                for ruleset in (self._rules, self._nat):
+                    for tool, problems in ruleset.damage().items():
+                        log.warning("%s: pmk's rules were changed (%s); putting them back", tool, "; ".join(problems))
+                        ruleset.repair(tool)
+                        self._counts["rules_restored"] += 1
             except rules.RulesError as error:
                 self._counts["rules_check_errors"] += 1
                 log.error("checking pmk's rules: %s", error)
