@@ -126,11 +126,21 @@ def test_an_ipv6_length_of_zero_stops_the_walk() -> None:
 def test_an_interface_whose_mtu_changed_is_not_trusted_until_it_settles() -> None:
     readings = iter([1500, 1500, 9000, 9000, 9000, 1500, 1500, 0])
     clock = iter([0.0, 10.0, 11.0, 11.0 + MTU_SETTLE_S - 0.1, 11.0 + MTU_SETTLE_S, 14.0, 14.0 + MTU_SETTLE_S, 20.0])
-    mtu = InterfaceMtu(read=lambda ifindex: next(readings), clock=lambda: next(clock))
+    mtu = InterfaceMtu(read=lambda ifindex: next(readings), clock=lambda: next(clock), present=lambda: [ETH])
     try:
-        # First sight trusted; a change marks nothing there until it has held MTU_SETTLE_S
+        # Read at start and trusted; a change marks nothing there until it has held MTU_SETTLE_S
         # (the library may still send by the old MTU); unreadable is 0 whatever came before.
-        assert [mtu(ETH) for _ in range(8)] == [1500, 1500, 0, 0, 9000, 0, 1500, 0]
+        assert [mtu(ETH) for _ in range(7)] == [1500, 0, 0, 9000, 0, 1500, 0]
+    finally:
+        mtu.close()
+
+
+def test_an_interface_first_seen_after_the_start_is_trusted_once_it_settles() -> None:
+    """The library may have read its MTU before a change pmk never saw."""
+    clock = iter([0.0, 5.0, 5.0 + MTU_SETTLE_S - 0.1, 5.0 + MTU_SETTLE_S])
+    mtu = InterfaceMtu(read=lambda ifindex: 1500, clock=lambda: next(clock), present=lambda: [])
+    try:
+        assert [mtu(ETH) for _ in range(3)] == [0, 0, 1500]
     finally:
         mtu.close()
 

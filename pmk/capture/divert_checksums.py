@@ -18,7 +18,10 @@ and than the interface's MTU. A packet marked but sent whole would go out
 with its partial checksum, so the MTU is read when the batch goes back (one
 cached across an increase would mark too much), and for a while after it
 changes nothing on that interface is marked: the library keeps an MTU for a
-second and may still be sending by the old one. Anything else keeps the
+second and may still be sending by the old one. The same holds for an
+interface pmk first sees after it started (the library may have read its MTU
+before a change pmk never saw); the interfaces present at start are read
+then, before the library has sent anything. Anything else keeps the
 library's recomputation.
 ``tests/test_e2e_verdicts.py`` carries a bulk transfer through this path and
 checks every byte; pydivert is pinned to the minor version this was read from.
@@ -30,7 +33,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pmk.capture.divert_address import (
     ADDRESS_BYTES,
@@ -66,16 +69,30 @@ if sys.platform != "win32":  # the divert backend imports this module on Windows
     import fcntl
 
 
+def _present_interfaces() -> list[int]:
+    try:
+        return [index for index, _name in socket.if_nameindex()]
+    except OSError:
+        return []
+
+
 class InterfaceMtu:
     """The MTU to compare an aggregate with, by interface index; 0 means mark nothing there. Linux only.
 
     That is the interface's MTU read now, unless the interface is lo (the
-    library re-injects there without segmenting) or its MTU differs from the
-    last reading or did less than ``MTU_SETTLE_S`` ago.
+    library re-injects there without segmenting), or its MTU differs from the
+    last reading or did less than ``MTU_SETTLE_S`` ago, or it was first seen
+    less than ``MTU_SETTLE_S`` ago. Make it before the divert library sends
+    anything: the interfaces present then are read and trusted at once.
     """
 
-    def __init__(self, read: Callable[[int], int] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        """``read`` and ``clock`` are for tests; by default the kernel's MTU and the monotonic clock."""
+    def __init__(
+        self,
+        read: Callable[[int], int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        present: Callable[[], Iterable[int]] = _present_interfaces,
+    ) -> None:
+        """``read``, ``clock``, ``present``: for tests (defaults: the kernel's MTU, time.monotonic, if_nameindex)."""
         # Python's sockets are created close-on-exec.
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._read = read or self._read_kernel
@@ -86,6 +103,10 @@ class InterfaceMtu:
             self._loopback = socket.if_nametoindex("lo")
         except OSError:
             self._loopback = 0
+        now = clock()
+        for ifindex in present():
+            if ifindex != self._loopback and len(self._seen) < _SEEN_INTERFACES:
+                self._seen[ifindex] = (self._read(ifindex), now)
 
     def __call__(self, ifindex: int) -> int:
         if ifindex == self._loopback:
@@ -96,9 +117,8 @@ class InterfaceMtu:
         if seen is None or seen[0] != mtu:
             if len(self._seen) >= _SEEN_INTERFACES:
                 self._seen.clear()  # interfaces come and go; forgetting one only delays its marking
-            # Seen for the first time: trusted at once (a change in the second before goes unguarded).
-            self._seen[ifindex] = (mtu, now if seen is None else now + MTU_SETTLE_S)
-            return mtu if seen is None else 0
+            self._seen[ifindex] = (mtu, now + MTU_SETTLE_S)
+            return 0
         return mtu if now >= seen[1] else 0
 
     def _read_kernel(self, ifindex: int) -> int:
