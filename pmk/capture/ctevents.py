@@ -270,40 +270,29 @@ def _tuple(data: bytes | bytearray, pos: int, end: int) -> tuple[int, bytes, int
     return protocol, src, sport, dst, dport
 
 
-def _timestamps(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
-    """(start, stop) in nanoseconds of a CTA_TIMESTAMP payload; 0 for one that is missing."""
-    start = stop = 0
+#: What a nested attribute read as a pair holds: attribute type -> (which of the two, its encoding).
+_COUNTER_FIELDS = {
+    CTA_COUNTERS_PACKETS: (0, _BE64),
+    CTA_COUNTERS_BYTES: (1, _BE64),
+    CTA_COUNTERS32_PACKETS: (0, _BE32),
+    CTA_COUNTERS32_BYTES: (1, _BE32),
+}
+_TIMESTAMP_FIELDS = {CTA_TIMESTAMP_START: (0, _BE64), CTA_TIMESTAMP_STOP: (1, _BE64)}
+
+
+def _pair(data: bytes | bytearray, pos: int, end: int, fields: dict[int, tuple[int, struct.Struct]]) -> tuple[int, int]:
+    """The two numbers of a nested attribute, 0 where missing: (packets, bytes) of a
+    CTA_COUNTERS_* payload with ``_COUNTER_FIELDS``, (start, stop) of a CTA_TIMESTAMP one."""
+    pair = [0, 0]
     while pos + 4 <= end:
         length, kind = _NLA.unpack_from(data, pos)
         if length < 4 or pos + length > end:
             break
-        kind &= _NLA_TYPE_MASK
-        if kind == CTA_TIMESTAMP_START and length >= 12:
-            start = _BE64.unpack_from(data, pos + 4)[0]
-        elif kind == CTA_TIMESTAMP_STOP and length >= 12:
-            stop = _BE64.unpack_from(data, pos + 4)[0]
+        field = fields.get(kind & _NLA_TYPE_MASK)
+        if field is not None and length >= 4 + field[1].size:
+            pair[field[0]] = field[1].unpack_from(data, pos + 4)[0]
         pos += (length + 3) & ~3
-    return start, stop
-
-
-def _counters(data: bytes | bytearray, pos: int, end: int) -> tuple[int, int]:
-    """(packets, bytes) of a CTA_COUNTERS_* payload."""
-    packets = octets = 0
-    while pos + 4 <= end:
-        length, kind = _NLA.unpack_from(data, pos)
-        if length < 4 or pos + length > end:
-            break
-        kind &= _NLA_TYPE_MASK
-        if kind == CTA_COUNTERS_PACKETS and length >= 12:
-            packets = _BE64.unpack_from(data, pos + 4)[0]
-        elif kind == CTA_COUNTERS_BYTES and length >= 12:
-            octets = _BE64.unpack_from(data, pos + 4)[0]
-        elif kind == CTA_COUNTERS32_PACKETS and length >= 8:
-            packets = _BE32.unpack_from(data, pos + 4)[0]
-        elif kind == CTA_COUNTERS32_BYTES and length >= 8:
-            octets = _BE32.unpack_from(data, pos + 4)[0]
-        pos += (length + 3) & ~3
-    return packets, octets
+    return pair[0], pair[1]
 
 
 def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> CtEntry | None:
@@ -343,9 +332,9 @@ def parse_entry(data: bytes | bytearray, pos: int, end: int, mark_mask: int) -> 
         _, rsrc, rsport, rdst, rdport = _tuple(data, reply, reply_end)
     else:
         rsrc, rsport, rdst, rdport = odst, odport, osrc, osport
-    opk, oby = _counters(data, counters_orig, counters_orig_end) if counters_orig >= 0 else (0, 0)
-    rpk, rby = _counters(data, counters_reply, counters_reply_end) if counters_reply >= 0 else (0, 0)
-    start, stop = _timestamps(data, stamps, stamps_end) if stamps >= 0 else (0, 0)
+    opk, oby = _pair(data, counters_orig, counters_orig_end, _COUNTER_FIELDS) if counters_orig >= 0 else (0, 0)
+    rpk, rby = _pair(data, counters_reply, counters_reply_end, _COUNTER_FIELDS) if counters_reply >= 0 else (0, 0)
+    start, stop = _pair(data, stamps, stamps_end, _TIMESTAMP_FIELDS) if stamps >= 0 else (0, 0)
     return CtEntry(
         ct_id, protocol, osrc, osport, odst, odport, rsrc, rsport, rdst, rdport, mark, opk, oby, rpk, rby, start, stop
     )
