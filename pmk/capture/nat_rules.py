@@ -259,20 +259,7 @@ class NatRuleSet:
         their application asked (a leak, for a DNS or tunnel reroute), so the
         rules watchdog checks these chains as it checks the filter ones.
         """
-        found = {}
-        for family, tool in rules.FAMILIES:
-            problems = []
-            for table, part in rules.script_tables(self.script(family == "ipv6")).items():
-                try:
-                    proc = _run([tool, "-w", "-t", table, "-S"])
-                except (OSError, subprocess.SubprocessError) as error:
-                    raise rules.RulesError(f"{tool} -t {table} -S: {error}") from None
-                if proc.returncode != 0:
-                    raise rules.RulesError(f"{tool} -t {table} -S: {proc.stderr.strip()}")
-                problems += rules.missing_rules(part, proc.stdout)
-            if problems:
-                found[tool] = problems
-        return found
+        return rules.find_damage(self.script)
 
     def repair(self, tool: str) -> None:
         """Put one family's NAT chains and jumps back, with the targets now in their slots."""

@@ -33,7 +33,7 @@ import re
 import shlex
 import subprocess
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pmk.errors import PmkError, UsageError
@@ -231,6 +231,21 @@ def missing_rules(script: str, listing: str) -> list[str]:
     return problems
 
 
+def find_damage(script_of: Callable[[bool], str]) -> dict[str, list[str]]:
+    """For each family (tool name) missing some of ``script_of(v6)``'s rules, what is missing, table by table."""
+    found = {}
+    for family, tool in FAMILIES:
+        problems = []
+        for table, part in script_tables(script_of(family == "ipv6")).items():
+            proc = _run([tool, "-w", "-t", table, "-S"])
+            if proc.returncode != 0:
+                raise RulesError(f"{tool} -t {table} -S: {_one_line(proc.stderr)}")
+            problems += missing_rules(part, proc.stdout)
+        if problems:
+            found[tool] = problems
+    return found
+
+
 def _run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
@@ -368,15 +383,7 @@ class RuleSet:
 
     def damage(self) -> dict[str, list[str]]:
         """For each family whose rules are not all in place (tool name), what is missing."""
-        found = {}
-        for family, tool in FAMILIES:
-            proc = _run([tool, "-w", "-t", "filter", "-S"])
-            if proc.returncode != 0:
-                raise RulesError(f"{tool} -S: {_one_line(proc.stderr)}")
-            problems = missing_rules(self.script(family == "ipv6"), proc.stdout)
-            if problems:
-                found[tool] = problems
-        return found
+        return find_damage(self.script)
 
     def repair(self, tool: str) -> None:
         """Put one family's chains and jumps back as ``install`` made them."""
