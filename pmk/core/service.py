@@ -689,13 +689,11 @@ class Service:
             entry = cache.peek(key)
             if entry is None:
                 continue  # not cached (evicted, cleared, or never decided permanently)
+            record = lifecycle.record(key, entry, now, traffic)
             if span is not None and span[1] < entry.created:
-                record = lifecycle.record(key, entry, now, traffic)
-                record["age"] = round(max(0.0, span[1] - span[0]), 3)
+                record["age"] = round(max(0.0, span[1] - span[0]), 3)  # the older one's; the entry stays
             else:
                 cache.pop(key)
-                entry.packets_in, entry.packets_out, entry.bytes_in, entry.bytes_out = traffic
-                record = lifecycle.record(key, entry, now)
             record["reason"] = "destroyed"
             records.append(record)
         self._send_ends(records)
