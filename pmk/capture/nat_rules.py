@@ -237,11 +237,8 @@ class NatRuleSet:
         """Install both families (after pmk's filter chains); on failure nothing stays behind."""
         self.installed = True
         try:
-            for family, tool in rules.FAMILIES:
-                remove_chains(tool)
-                proc = _run([f"{tool}-restore", "-w", "--noflush"], stdin=self.script(family == "ipv6"))
-                if proc.returncode != 0:
-                    raise rules.RulesError(f"{tool}-restore: {proc.stderr.strip()}")
+            for _family, tool in rules.FAMILIES:
+                self.repair(tool)
         except BaseException:
             self.remove()
             raise
@@ -262,7 +259,7 @@ class NatRuleSet:
         return rules.find_damage(self.script)
 
     def repair(self, tool: str) -> None:
-        """Put one family's NAT chains and jumps back, with the targets now in their slots."""
+        """(Re)install one family's NAT chains and jumps, with the targets now in their slots."""
         remove_chains(tool)
         proc = _run([f"{tool}-restore", "-w", "--noflush"], stdin=self.script(tool == "ip6tables"))
         if proc.returncode != 0:
